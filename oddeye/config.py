@@ -1,0 +1,444 @@
+"""The pipeline config: one YAML file, validated before anything starts.
+
+``load_config`` expands ``${VAR}`` / ``${VAR:-default}`` from the environment, applies
+``--set a.b.c=value`` overrides, and validates every section. Errors are raised as
+``ConfigError`` whose message names the field path (``sources.0.fps``) and what is
+allowed there; the CLI turns them into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["ConfigError", "OddeyeConfig", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the message names the field and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------- ray
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """None starts a local Ray (the embedded default); ``auto`` or ``ray://host:port`` joins a cluster."""
+    num_cpus: int | None = Field(None, ge=1)
+    namespace: str | None = None
+    include_dashboard: bool = False
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _empty_is_local(cls, v: Any) -> Any:
+        return None if v in ("", "local") else v
+
+
+# ----------------------------------------------------------------------------- sources
+
+DropPolicy = Literal["auto", "drop_oldest", "drop_newest", "block"]
+
+
+class _SourceBase(_Section):
+    drop_policy: DropPolicy = "auto"
+    """What the ingest stage does when the model falls behind: live sources keep the newest frames
+    (``drop_oldest``), files and topics wait (``block``). ``auto`` picks by source kind."""
+    queue_size: int = Field(32, ge=1, le=10_000)
+
+
+class SyntheticSourceConfig(_SourceBase):
+    type: Literal["synthetic"]
+    camera_id: str = "synthetic-0"
+    width: int = Field(320, ge=32, le=4096)
+    height: int = Field(240, ge=32, le=4096)
+    fps: float = Field(10.0, gt=0)
+    num_frames: int | None = Field(600, ge=1)
+    seed: int = 0
+    realtime: bool = False
+    anomaly_every: int = Field(100, ge=0)
+    anomaly_duration: int = Field(20, ge=1)
+    anomaly_kinds: list[Literal["foreign_object", "texture_defect", "wrong_motion"]] = [
+        "foreign_object",
+        "texture_defect",
+        "wrong_motion",
+    ]
+    num_objects: int = Field(3, ge=0, le=50)
+    encode: bool = False
+    start_seq: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _duration_fits(self) -> SyntheticSourceConfig:
+        if self.anomaly_every and self.anomaly_duration >= self.anomaly_every:
+            raise ValueError("anomaly_duration must be smaller than anomaly_every")
+        return self
+
+
+class VideoSourceConfig(_SourceBase):
+    type: Literal["video"]
+    path: str
+    camera_id: str | None = None
+    loop: bool = False
+    realtime: bool = False
+
+
+class ImagesSourceConfig(_SourceBase):
+    type: Literal["images"]
+    path: str
+    camera_id: str | None = None
+    recursive: bool = False
+    loop: bool = False
+
+
+SourceConfig = Annotated[
+    Union[SyntheticSourceConfig, VideoSourceConfig, ImagesSourceConfig],  # noqa: UP007
+    Field(discriminator="type"),
+]
+
+
+# ----------------------------------------------------------------------------- fit, model, batching
+
+
+class FitConfig(_Section):
+    source: SourceConfig | None = None
+    """Normal frames to learn from; defaults to the first source (with anomalies off for a synthetic one)."""
+    max_frames: int = Field(200, ge=2)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class ModelConfig(_Section):
+    name: str = "padim"
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Constructor parameters, with anomalib's names (``backbone``, ``layers``, ``n_features`` ...)."""
+    checkpoint: str = "oddeye-out/model.pt"
+    device: str = "auto"
+    image_size: tuple[int, int] = (256, 256)
+    replicas: int = Field(1, ge=1, le=64)
+    num_threads: int | None = Field(None, ge=1)
+    """Torch CPU threads in each model actor (default: all cores of its machine)."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved for each model actor in Ray's scheduler."""
+    num_gpus: float | None = Field(None, ge=0)
+    """GPUs reserved for each model actor; default 1 when the device is CUDA, else 0."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"device {v!r} not understood; use auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 32 or max(v) > 4096:
+            raise ValueError("image_size must be two integers [height, width] between 32 and 4096")
+        return v
+
+    @model_validator(mode="after")
+    def _known_model(self) -> ModelConfig:
+        from oddeye.models.base import list_models, model_params
+
+        names = list_models()
+        if self.name not in names:
+            raise ValueError(f"unknown model {self.name!r}; registered models: {', '.join(names)}")
+        allowed = set(model_params(self.name)) - {"image_size"}
+        unknown = sorted(set(self.params) - allowed)
+        if unknown:
+            raise ValueError(
+                f"params: unknown parameter(s) {', '.join(unknown)} for model {self.name!r}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        if "image_size" in self.params:
+            raise ValueError("set image_size on model, not in model.params")
+        return self
+
+
+class BatchingConfig(_Section):
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_wait_ms: float = Field(20.0, ge=0)
+    max_inflight_batches: int = Field(2, ge=1, le=64)
+    """Batches submitted to each model replica and not yet returned; bounds the pipeline's memory."""
+
+
+# ----------------------------------------------------------------------------- alerts
+
+
+class AlertPolicyConfig(_Section):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    min_frames: int = Field(3, ge=1)
+    hysteresis: float = Field(0.1, ge=0)
+    close_frames: int = Field(5, ge=1)
+    cooldown_s: float = Field(10.0, ge=0)
+    update_interval_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _band(self) -> AlertPolicyConfig:
+        if self.hysteresis >= self.threshold:
+            raise ValueError("hysteresis must be smaller than threshold")
+        return self
+
+
+class AlertsConfig(AlertPolicyConfig):
+    cameras: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-camera overrides of any policy field, e.g. ``{gate-1: {threshold: 0.7}}``."""
+
+    @field_validator("cameras")
+    @classmethod
+    def _overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for cam, fields in v.items():
+            unknown = sorted(set(fields) - set(AlertPolicyConfig.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"{cam}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(AlertPolicyConfig.model_fields)}"
+                )
+        return v
+
+    def policy_for(self, camera_id: str | None = None) -> dict[str, Any]:
+        base = {k: getattr(self, k) for k in AlertPolicyConfig.model_fields}
+        if camera_id is not None:
+            base.update(self.cameras.get(camera_id, {}))
+        return base
+
+
+# ----------------------------------------------------------------------------- sinks
+
+
+class ConsoleSinkConfig(_Section):
+    type: Literal["console"]
+    summary_interval_s: float = Field(10.0, gt=0)
+
+
+class JsonlSinkConfig(_Section):
+    type: Literal["jsonl"]
+    scores: bool = True
+    alerts: bool = True
+    dead_letters: bool = True
+
+
+class SnapshotsSinkConfig(_Section):
+    type: Literal["snapshots"]
+    max_per_camera: int = Field(100, ge=1)
+    quality: int = Field(90, ge=10, le=100)
+
+
+SinkConfig = Annotated[
+    Union[ConsoleSinkConfig, JsonlSinkConfig, SnapshotsSinkConfig],  # noqa: UP007
+    Field(discriminator="type"),
+]
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+    """Where ``/metrics`` is served; 0 picks a free port (logged at start)."""
+
+
+# ----------------------------------------------------------------------------- root
+
+
+class OddeyeConfig(_Section):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    sources: list[SourceConfig] = Field(min_length=1)
+    fit: FitConfig = Field(default_factory=FitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    sinks: list[SinkConfig] = Field(default_factory=lambda: [ConsoleSinkConfig(type="console")])
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> OddeyeConfig:
+        ids = [s.camera_id for s in self.sources if getattr(s, "camera_id", None)]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"sources: camera_id {', '.join(dup)} used by more than one source")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(node: Any, path: str, env: typing.Mapping[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{path}.{i}" if path else str(i), env) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set (write ${{{name}:-default}} to default it)")
+
+        expanded = _VAR.sub(sub, node)
+        if expanded != node and _VAR.fullmatch(node):
+            # A value that is exactly one ${...} takes the YAML type of what it expands to.
+            try:
+                return yaml.safe_load(expanded) if expanded.strip() else expanded
+            except yaml.YAMLError:
+                return expanded
+        return expanded
+    return node
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected PATH=VALUE, e.g. model.device=cpu")
+    key, _, value_text = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty path")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where} is not an index of a list of {len(node)} item(s)")
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def parse_config(raw: Any, overrides: typing.Sequence[str] = (), env: typing.Mapping[str, str] | None = None, origin: str = "config") -> OddeyeConfig:
+    """Validate a config given as a mapping (already parsed YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = _expand(raw, "", os.environ if env is None else env)
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    try:
+        return OddeyeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{origin} is not valid:\n" + _format_errors(e)) from None
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = (), env: typing.Mapping[str, str] | None = None) -> OddeyeConfig:
+    """Read, expand, override and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(raw, overrides, env, origin=str(path))
+
+
+def demo_config_path() -> Path:
+    """The embedded default config shipped inside the package (same file as configs/demo.yaml)."""
+    return Path(__file__).with_name("demo.yaml")
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path, cls = _resolve(OddeyeConfig, e["loc"])
+        where = ".".join(path) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent, pcls = _resolve(OddeyeConfig, e["loc"][:-1])
+            allowed = ", ".join(pcls.model_fields) if pcls else "?"
+            lines.append(f"  {where}: unknown field {path[-1]!r} (allowed here: {allowed})")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"  {where}: {e['msg']}")
+        elif e["type"] == "missing":
+            lines.append(f"  {where}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg} (got {_short(e.get('input'))})")
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        if origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
+                continue
+        return tp
+
+
+def _resolve(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Turn a pydantic error location into a user-facing path, and find the section class there.
+
+    Discriminated-union tags that pydantic puts in the location (``sources.0.synthetic.fps``)
+    are dropped from the path the user sees (``sources.0.fps``).
+    """
+    path: list[str] = []
+    cur: Any = root
+    for item in loc:
+        cur = _unwrap(cur)
+        origin = typing.get_origin(cur)
+        if origin in (Union, types.UnionType):
+            tagged = [m for m in typing.get_args(cur) if _tag(m) == item]
+            if tagged:
+                cur = tagged[0]
+                continue
+            cur = None
+        path.append(str(item))
+        if isinstance(cur, type) and issubclass(cur, BaseModel):
+            field = cur.model_fields.get(str(item))
+            cur = field.annotation if field else None
+        elif origin in (list, tuple):
+            cur = typing.get_args(cur)[0]
+        elif origin is dict:
+            cur = typing.get_args(cur)[1]
+        else:
+            cur = None
+    cur = _unwrap(cur)
+    return path, cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _tag(tp: Any) -> str | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel) and "type" in tp.model_fields:
+        args = typing.get_args(tp.model_fields["type"].annotation)
+        return args[0] if args else None
+    return None

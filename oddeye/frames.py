@@ -1,0 +1,222 @@
+"""The shared vocabulary of the data path: frames in, predictions and alerts out.
+
+Everything that crosses a module boundary is one of these small dataclasses, so that
+sources, models, sinks and the Ray pipeline agree on names without importing each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+
+__all__ = [
+    "Alert",
+    "DecodeError",
+    "Frame",
+    "Prediction",
+    "ScoredFrame",
+    "decode_image",
+    "encode_jpeg",
+    "resize_image",
+]
+
+
+class DecodeError(ValueError):
+    """A frame's bytes are not an image we can decode."""
+
+
+@dataclass
+class Frame:
+    """One camera frame.
+
+    ``image`` is an H×W×3 uint8 RGB array, or the encoded bytes (JPEG/PNG) until the
+    ingest stage decodes it. ``origin`` says where the frame came from (file path and
+    index, or Kafka topic/partition/offset) so it can be acknowledged; ``meta`` carries
+    extras such as the synthetic camera's ground truth (``anomaly``, ``kind``).
+    """
+
+    camera_id: str
+    seq: int
+    timestamp: float
+    image: np.ndarray | bytes
+    origin: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_decoded(self) -> bool:
+        return isinstance(self.image, np.ndarray)
+
+
+@dataclass
+class Prediction:
+    """What a model returns for a batch of B images.
+
+    ``score`` is normalised to [0, 1] (0.5 is the default alert threshold for every
+    model); ``anomaly_map`` is [B, H, W] in the same scale, or None for models without
+    localisation; ``boxes`` holds per-item [N, 5] arrays (x1, y1, x2, y2, score) for
+    region-based video models.
+    """
+
+    score: torch.Tensor
+    anomaly_map: torch.Tensor | None = None
+    label: torch.Tensor | None = None
+    boxes: list[torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.label is None:
+            self.label = self.score >= 0.5
+
+    def to(self, device: str | torch.device) -> Prediction:
+        return Prediction(
+            score=self.score.to(device),
+            anomaly_map=None if self.anomaly_map is None else self.anomaly_map.to(device),
+            label=None if self.label is None else self.label.to(device),
+            boxes=None if self.boxes is None else [b.to(device) for b in self.boxes],
+        )
+
+
+@dataclass
+class ScoredFrame:
+    """A frame after scoring: what the sinks and the alert logic see.
+
+    ``image`` (the model-sized RGB frame) and ``anomaly_map`` (uint8, 0–255 for scores
+    0–1) are kept so that a snapshot can be drawn when an alert opens; sinks that write
+    score records use only the scalar fields.
+    """
+
+    camera_id: str
+    seq: int
+    timestamp: float
+    score: float
+    label: bool
+    model: str
+    latency_ms: float
+    origin: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    image: np.ndarray | None = None
+    anomaly_map: np.ndarray | None = None
+    boxes: list[list[float]] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The scores wire format: ``{camera_id, seq, ts, score, label, model, latency_ms, origin}``."""
+        return {
+            "camera_id": self.camera_id,
+            "seq": self.seq,
+            "ts": self.timestamp,
+            "score": round(float(self.score), 6),
+            "label": bool(self.label),
+            "model": self.model,
+            "latency_ms": round(float(self.latency_ms), 3),
+            "origin": self.origin,
+        }
+
+
+AlertState = Literal["open", "update", "close"]
+
+
+@dataclass
+class Alert:
+    """An alert event for one camera: opened, updated while it lasts, closed."""
+
+    alert_id: str
+    camera_id: str
+    state: AlertState
+    started_at: float
+    ended_at: float | None
+    peak_score: float
+    frames: int
+    model: str = ""
+    snapshot: str | None = None
+    seq: int = -1
+    boxes: list[list[float]] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The alerts wire format."""
+        out = dataclasses.asdict(self)
+        out["peak_score"] = round(float(self.peak_score), 6)
+        return out
+
+
+# --------------------------------------------------------------------------- codecs
+
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def decode_image(data: bytes | bytearray | memoryview, size_hint: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode JPEG/PNG bytes to an H×W×3 uint8 RGB array.
+
+    With ``size_hint`` (H, W) the JPEG decoder downsizes inside the DCT by the largest
+    power of two that keeps the image at least that big, which is several times faster
+    than decoding at full size and resizing afterwards.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if buf.size == 0:
+        raise DecodeError("empty image payload")
+    flag = cv2.IMREAD_COLOR
+    if size_hint is not None and bytes(buf[:2]) == b"\xff\xd8":
+        flag = _reduced_flag(buf, size_hint)
+    img = cv2.imdecode(buf, flag)
+    if img is None:
+        raise DecodeError(f"cannot decode {buf.size} bytes as an image (not JPEG/PNG, or truncated)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _reduced_flag(buf: np.ndarray, size_hint: tuple[int, int]) -> int:
+    shape = _jpeg_shape(buf)
+    if shape is None:
+        return cv2.IMREAD_COLOR
+    h, w = shape
+    for factor, flag in _REDUCED:
+        if h // factor >= size_hint[0] and w // factor >= size_hint[1]:
+            return flag
+    return cv2.IMREAD_COLOR
+
+
+def _jpeg_shape(buf: np.ndarray) -> tuple[int, int] | None:
+    """Read (H, W) from a JPEG's SOF marker without decoding it."""
+    data = buf.tobytes() if buf.size < 65536 else buf[:65536].tobytes()
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        i += 2 + length
+    return None
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an H×W×3 uint8 RGB array as JPEG bytes."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB array to (H, W); area interpolation when shrinking."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    shrink = image.shape[0] > h or image.shape[1] > w
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Check (and where unambiguous, coerce) an array to H×W×3 uint8 RGB."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise DecodeError(f"expected an H×W×3 image, got shape {tuple(image.shape)}")
+    if image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        raise DecodeError(f"expected uint8 pixels, got {image.dtype}")
+    return np.ascontiguousarray(image)

@@ -1,0 +1,306 @@
+"""The model interface, score normalisation, checkpoints and the registry.
+
+A model is a plain ``torch.nn.Module``: ``fit`` learns normality explicitly,
+``forward`` only scores (no hidden side effects), ``save``/``load`` keep config,
+weights and normalisation together in a checkpoint that loads with
+``torch.load(weights_only=True)`` — never unpickling code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from oddeye.frames import Prediction
+
+__all__ = [
+    "AnomalyModel",
+    "CheckpointError",
+    "FitError",
+    "ScoreNormalizer",
+    "create_model",
+    "get_model_class",
+    "list_models",
+    "load_model",
+    "model_params",
+    "register",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# Constructor parameters that say where pretrained weights come from. A checkpoint
+# already holds the weights, so loading one never fetches them again.
+WEIGHT_SOURCE_PARAMS = {"pre_trained": False, "weights": None}
+
+
+class FitError(ValueError):
+    """Fitting cannot proceed (no images, mixed sizes, ...)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or belongs to another model."""
+
+
+_REGISTRY: dict[str, type[AnomalyModel]] = {}
+
+
+def register(name: str) -> Callable[[type[AnomalyModel]], type[AnomalyModel]]:
+    """Class decorator: make a model available by name (``@register("padim")``)."""
+
+    def deco(cls: type[AnomalyModel]) -> type[AnomalyModel]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"model name {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin_models() -> None:
+    # Importing the packages runs their @register decorators.
+    import oddeye.models.image  # noqa: F401
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    _load_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def get_model_class(name: str) -> type[AnomalyModel]:
+    _load_builtin_models()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def model_params(name: str) -> dict[str, Any]:
+    """Constructor parameters of a model and their defaults (``inspect.Parameter.empty`` if required)."""
+    sig = inspect.signature(get_model_class(name).__init__)
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def create_model(name: str, **params: Any) -> AnomalyModel:
+    """Build a model by registered name with anomalib's parameter names."""
+    cls = get_model_class(name)
+    allowed = model_params(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise TypeError(f"model {name!r} has no parameter(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**params)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", expect: str | None = None) -> AnomalyModel:
+    """Load any registered model from a checkpoint written by ``save``."""
+    ckpt = read_checkpoint(path, map_location)
+    name = ckpt["model"]
+    if expect is not None and name != expect:
+        raise CheckpointError(f"{path}: checkpoint holds model {name!r}, not {expect!r}")
+    params = dict(ckpt["config"])
+    for key, value in WEIGHT_SOURCE_PARAMS.items():
+        if key in params:
+            params[key] = value
+    try:
+        model = create_model(name, **params)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match model {name!r} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.fitted = True
+    model.eval()
+    return model
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # the safe unpickler refuses code and anything unexpected
+        raise CheckpointError(f"{path}: not a loadable oddeye checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not an oddeye checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return ckpt
+
+
+class ScoreNormalizer(nn.Module):
+    """Maps raw anomaly scores to [0, 1] so that 0.5 means the same for every model.
+
+    From raw scores of *normal* validation images it keeps a threshold ``t`` (the
+    ``quantile`` of the normal scores plus ``margin`` robust spreads) and a scale ``s``
+    (the spread between the median and that quantile); a raw score ``x`` becomes
+    ``sigmoid((x - t) / s)``. So a normal image scores well below 0.5, the most unusual
+    normal images land near it, and clear anomalies approach 1.
+    """
+
+    def __init__(self, quantile: float = 0.99, margin: float = 0.25) -> None:
+        super().__init__()
+        self.quantile = quantile
+        self.margin = margin
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    @torch.no_grad()
+    def fit(self, raw_scores: torch.Tensor) -> None:
+        raw = raw_scores.detach().flatten().double().cpu()
+        raw = raw[torch.isfinite(raw)]
+        if raw.numel() < 2:
+            raise FitError("need at least 2 finite validation scores to normalise")
+        median = raw.median()
+        high = torch.quantile(raw, self.quantile)
+        spread = float(high - median)
+        if not math.isfinite(spread) or spread <= 1e-12:
+            spread = max(float(raw.std()), 1e-6 * max(1.0, abs(float(median))))
+        self.threshold.fill_(float(high) + self.margin * spread)
+        self.scale.fill_(spread)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((raw - self.threshold.to(raw.dtype)) / self.scale.to(raw.dtype))
+
+
+class AnomalyModel(nn.Module):
+    """Base class of image anomaly models.
+
+    Subclasses implement ``_fit_normal`` (learn from an iterator of normal image
+    batches) and ``raw_forward`` (raw score [B] and raw map [B, H, W] or None for a
+    batch of images [B, 3, H, W] float in [0, 1]). The base class handles
+    normalisation, ``forward``, checkpoints and input checks.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256)) -> None:
+        super().__init__()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.normalizer = ScoreNormalizer()
+        self.fitted = False
+        self._config: dict[str, Any] = {}
+
+    # -- configuration kept in checkpoints
+    def _remember_config(self, **params: Any) -> None:
+        """Record the constructor arguments (JSON-like values) for ``save``."""
+        self._config = {k: _plain(v) for k, v in params.items()}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    # -- to implement
+    def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
+        raise NotImplementedError
+
+    def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    # -- public API
+    def fit(
+        self,
+        train_loader: Iterable[torch.Tensor],
+        val_loader: Iterable[torch.Tensor] | None = None,
+        progress: bool = True,
+    ) -> AnomalyModel:
+        """Learn normality from ``train_loader`` batches, then normalisation from ``val_loader``.
+
+        Without a validation loader the training batches are scored again (less
+        conservative, but still sets a sensible scale).
+        """
+        self.eval()
+        seen = _CheckedBatches(train_loader, self.image_size)
+        self._fit_normal(iter(seen), progress)
+        if seen.count == 0:
+            raise FitError("fit received no images: the training data is empty")
+        val = val_loader if val_loader is not None else train_loader
+        raw = [self.raw_forward(b)[0].float().cpu() for b in _CheckedBatches(val, self.image_size)]
+        if not raw:
+            raise FitError("fit received no validation images")
+        self.normalizer.fit(torch.cat(raw))
+        self.fitted = True
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Prediction:
+        """Score a batch [B, 3, H, W] (float in [0, 1], or uint8) → normalised ``Prediction``."""
+        if not self.fitted:
+            raise RuntimeError(f"{self.name} is not fitted: call fit() or load a checkpoint")
+        images = _check_images(images, self.image_size)
+        score, amap = self.raw_forward(images)
+        score = self.normalizer(score.float())
+        amap = None if amap is None else self.normalizer(amap.float())
+        return Prediction(score=score, anomaly_map=amap)
+
+    def save(self, path: str | Path) -> Path:
+        """Write config, weights and normalisation to one checkpoint file."""
+        if not self.fitted:
+            raise RuntimeError("refusing to save an unfitted model")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({"format": CHECKPOINT_FORMAT, "model": self.name, "config": self.config, "state_dict": state}, tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> AnomalyModel:
+        """Load a checkpoint of this model class (an error if it holds another model)."""
+        return load_model(path, map_location, expect=cls.name or None)
+
+
+class _CheckedBatches:
+    """Iterates image batches, checking size and counting images as they pass."""
+
+    def __init__(self, loader: Iterable[Any], image_size: tuple[int, int]) -> None:
+        self.loader = loader
+        self.image_size = image_size
+        self.count = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.loader:
+            if isinstance(batch, dict):
+                batch = batch["image"]
+            elif isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            batch = _check_images(batch, self.image_size)
+            self.count += batch.shape[0]
+            yield batch
+
+
+def _check_images(images: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor batch, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images shaped [B, 3, H, W], got {tuple(images.shape)}")
+    if tuple(images.shape[-2:]) != tuple(image_size):
+        raise FitError(
+            f"image size {tuple(images.shape[-2:])} does not match the model's image_size {tuple(image_size)}; "
+            "resize the inputs (the pipeline does this for you)"
+        )
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
+    return images
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)

@@ -1,0 +1,92 @@
+"""Fitting a model from a config's ``fit`` section (in-process: fitting wants every core)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from oddeye.config import OddeyeConfig, SyntheticSourceConfig
+from oddeye.frames import DecodeError
+from oddeye.models.base import AnomalyModel, FitError, create_model
+from oddeye.pipeline.builders import build_source
+from oddeye.pipeline.ingest import prepare_frame
+from oddeye.pipeline.scoring import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class TensorBatches:
+    """Re-iterable batches [B, 3, H, W] float in [0, 1] from a uint8 array [N, H, W, 3]."""
+
+    def __init__(self, images: np.ndarray, batch_size: int, device: torch.device) -> None:
+        self.images = images
+        self.batch_size = batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        return (len(self.images) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self.images), self.batch_size):
+            chunk = torch.from_numpy(self.images[i : i + self.batch_size]).permute(0, 3, 1, 2)
+            yield chunk.to(self.device).float().div_(255.0)
+
+
+def collect_fit_images(cfg: OddeyeConfig, progress: bool = True) -> np.ndarray:
+    """Read up to ``fit.max_frames`` normal frames at the model's input size."""
+    scfg = cfg.fit.source or cfg.sources[0]
+    overrides = {}
+    if isinstance(scfg, SyntheticSourceConfig):
+        # Fit on the same scene with no injected anomalies, and never paced in real time.
+        overrides = {"anomaly_every": 0, "realtime": False}
+        if cfg.fit.source is None:
+            overrides["num_frames"] = cfg.fit.max_frames
+    source = build_source(scfg, **overrides)
+    size = cfg.model.image_size
+    images: list[np.ndarray] = []
+    bad = 0
+    try:
+        bar = tqdm(total=cfg.fit.max_frames, desc="reading fit frames", unit="frame", disable=not progress)
+        for frame in source:
+            if frame.meta.get("anomaly"):
+                continue  # ground truth says anomalous: not for learning normality
+            try:
+                images.append(prepare_frame(frame, size).image)  # type: ignore[arg-type]
+            except (DecodeError, ValueError) as e:
+                bad += 1
+                log.warning("fit: skipping frame %s/%s: %s", frame.camera_id, frame.seq, e)
+                continue
+            bar.update(1)
+            if len(images) >= cfg.fit.max_frames:
+                break
+        bar.close()
+    finally:
+        source.close()
+    if bad:
+        log.warning("fit: %d frame(s) could not be decoded and were skipped", bad)
+    if len(images) < 2:
+        raise FitError(f"fit needs at least 2 normal frames, the fit source gave {len(images)}")
+    return np.stack(images)
+
+
+def fit_from_config(cfg: OddeyeConfig, progress: bool = True) -> tuple[AnomalyModel, Path]:
+    """Fit ``cfg.model`` on the fit data and write it to ``cfg.model.checkpoint``."""
+    images = collect_fit_images(cfg, progress)
+    n_val = max(1, round(len(images) * cfg.fit.val_fraction))
+    # Every k-th frame goes to validation, so both splits span the whole recording.
+    val_idx = np.linspace(0, len(images) - 1, n_val).round().astype(int)
+    mask = np.zeros(len(images), bool)
+    mask[val_idx] = True
+    device = resolve_device(cfg.model.device)
+    model = create_model(cfg.model.name, image_size=cfg.model.image_size, **cfg.model.params).to(device)
+    log.info("fitting %s on %d frames (%d for normalisation) on %s", model.name, (~mask).sum(), mask.sum(), device)
+    bs = cfg.fit.batch_size
+    model.fit(TensorBatches(images[~mask], bs, device), TensorBatches(images[mask], bs, device), progress=progress)
+    path = model.save(cfg.model.checkpoint)
+    log.info("wrote %s", path)
+    return model, path

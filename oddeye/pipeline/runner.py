@@ -1,0 +1,430 @@
+"""The driver: builds the Ray actor graph from a config, moves frames through it, stops cleanly.
+
+Data path: ingest actors (one per source) → batcher (here) → model actors (replicas)
+→ alert logic and sinks (here). In-flight work is bounded at every step: each ingest
+actor has one outstanding ``take`` and a bounded queue with its drop policy; the batcher
+holds at most a few batches; each model replica has at most ``max_inflight_batches``.
+Results are handled in submission order, so every camera's frames reach the alert
+logic and the sinks in sequence even with several replicas.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from oddeye.config import OddeyeConfig
+from oddeye.frames import Alert, Frame, ScoredFrame
+from oddeye.pipeline.actors import IngestActor, ModelActor, ensure_ray, model_actor_options
+from oddeye.pipeline.alerts import AlertPolicy, AlertTracker
+from oddeye.pipeline.batching import Batcher
+from oddeye.pipeline.builders import build_sinks, build_source, camera_label, drop_policy_for
+from oddeye.pipeline.ingest import DeadLetter, IngestStats, TakeResult
+from oddeye.pipeline.scoring import BatchResult
+from oddeye.pipeline.telemetry import Telemetry
+from oddeye.sinks.base import Sink
+
+log = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot start or run (a source cannot be opened, the model fails to load)."""
+
+
+@dataclass
+class RunSummary:
+    """What happened in a run; every ingested frame is scored, dead-lettered or dropped."""
+
+    stop_reason: str = ""
+    ingested: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    alerts_opened: int = 0
+    per_camera: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics_port: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Source:
+    index: int
+    camera_id: str
+    actor: Any
+    take_ref: Any = None
+    want: int = 0
+    done: bool = False
+    stats: IngestStats | None = None
+
+
+@dataclass
+class _Inflight:
+    ref: Any
+    replica: int
+    frames: list[Frame]
+    result: BatchResult | None = None
+
+
+class Pipeline:
+    """Runs one config until its sources end, a limit is reached, or ``stop()`` is called."""
+
+    def __init__(
+        self,
+        cfg: OddeyeConfig,
+        out_dir: str | Path = "oddeye-out",
+        max_frames: int | None = None,
+        duration: float | None = None,
+        idle_timeout: float | None = None,
+        extra_sinks: Sequence[Sink] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.max_frames = max_frames
+        self.duration = duration
+        self.idle_timeout = idle_timeout
+        self.extra_sinks = list(extra_sinks)
+        self.telemetry = Telemetry()
+        self.summary = RunSummary()
+        self._stop_reason: str | None = None
+        self._stop_event = threading.Event()
+        self._thresholds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ control
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask the pipeline to finish: in-flight frames are scored and written, sinks flushed."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM stop cleanly; a second SIGINT aborts."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self._stop_event.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            log.warning("%s received: finishing in-flight frames and flushing sinks", signal.Signals(signum).name)
+            self.stop(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    # ------------------------------------------------------------------ setup
+    def _start(self) -> None:
+        cfg = self.cfg
+        ensure_ray(cfg.ray)
+        ckpt = Path(cfg.model.checkpoint)
+        if not ckpt.is_file():
+            raise PipelineError(
+                f"no fitted model at model.checkpoint={ckpt}; fit one first with: oddeye fit CONFIG "
+                "(or point model.checkpoint at an existing checkpoint with --set model.checkpoint=PATH)"
+            )
+        cuda = cfg.model.device.startswith("cuda") or (
+            cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+        )
+        device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if cuda else "cpu")
+        opts = model_actor_options(cfg.model, cuda)
+        self.replicas = [
+            ModelActor.options(**opts).remote(str(ckpt.resolve()), device, cfg.model.num_threads)
+            for _ in range(cfg.model.replicas)
+        ]
+        try:
+            infos = ray.get([r.info.remote() for r in self.replicas])
+        except ray.exceptions.RayActorError as e:
+            raise PipelineError(f"the model actor failed to start: {_cause(e)}") from None
+        self.model_name = infos[0]["model"]
+        self.image_size = tuple(infos[0]["image_size"])
+        log.info("model %s on %s × %d, input %s", self.model_name, infos[0]["device"], len(infos), self.image_size)
+
+        self.sources: list[_Source] = []
+        for i, scfg in enumerate(cfg.sources):
+            cam = camera_label(scfg, i)
+            actor = IngestActor.remote(
+                functools.partial(build_source, scfg), cam, self.image_size, drop_policy_for(scfg), scfg.queue_size
+            )
+            self.sources.append(_Source(i, cam, actor))
+        started = ray.get([s.actor.start.remote() for s in self.sources])
+        errors = [f"sources.{s.index} ({s.camera_id}): {r['error']}" for s, r in zip(self.sources, started) if not r["ok"]]
+        if errors:
+            self._teardown_actors()
+            raise PipelineError("cannot open source(s):\n  " + "\n  ".join(errors))
+
+        self.sinks, self.snapshots = build_sinks(cfg.sinks, self.out_dir)
+        self.sinks += self.extra_sinks
+        policy = AlertPolicy(**cfg.alerts.policy_for())
+        overrides = {cam: AlertPolicy(**cfg.alerts.policy_for(cam)) for cam in cfg.alerts.cameras}
+        self.alerts = AlertTracker(policy, model=self.model_name, overrides=overrides)
+        if cfg.metrics.enabled:
+            self.summary.metrics_port = self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> RunSummary:
+        t_start = time.monotonic()
+        self._start()
+        b = self.cfg.batching
+        batcher = Batcher(b.max_batch_size, b.max_wait_ms)
+        inflight: deque[_Inflight] = deque()
+        per_replica = [0] * len(self.replicas)
+        capacity = b.max_batch_size * len(self.replicas) * b.max_inflight_batches
+        taken = 0
+        last_frame_t = time.monotonic()
+        take_timeout = max(0.005, min(0.1, b.max_wait_ms / 1000.0))
+        try:
+            while True:
+                now = time.monotonic()
+                if self._stop_reason is None:
+                    if self.duration is not None and now - t_start >= self.duration:
+                        self.stop("duration")
+                    elif self.idle_timeout is not None and now - last_frame_t >= self.idle_timeout:
+                        self.stop("idle_timeout")
+                stopping = self._stop_reason is not None
+                # 1. ask sources for frames while there is room downstream
+                if not stopping:
+                    budget = None
+                    if self.max_frames is not None:
+                        budget = self.max_frames - taken - sum(s.want for s in self.sources if s.take_ref is not None)
+                    for s in self.sources:
+                        if s.done or s.take_ref is not None:
+                            continue
+                        room = capacity - len(batcher)
+                        want = min(b.max_batch_size, room, budget if budget is not None else room)
+                        if want <= 0:
+                            break
+                        s.take_ref, s.want = s.actor.take.remote(want, take_timeout), want
+                        if budget is not None:
+                            budget -= want
+                # 2. dispatch ready batches to replicas with room
+                while batcher.ready(flush=stopping or self._all_sources_done()):
+                    replica = min(range(len(self.replicas)), key=per_replica.__getitem__)
+                    if per_replica[replica] >= b.max_inflight_batches:
+                        break
+                    frames = batcher.pop()
+                    inflight.append(_Inflight(self.replicas[replica].score.remote(frames), replica, frames))
+                    per_replica[replica] += 1
+                self.telemetry.queue_depth.labels("batcher").set(len(batcher))
+                self.telemetry.queue_depth.labels("inference").set(sum(len(x.frames) for x in inflight))
+                # 3. finished?
+                pending_takes = [s.take_ref for s in self.sources if s.take_ref is not None]
+                if not pending_takes and not inflight and not len(batcher):
+                    if self._all_sources_done():
+                        self.stop("sources_exhausted")
+                        break
+                    if stopping:
+                        break
+                if self.max_frames is not None and taken >= self.max_frames and not self._stop_reason:
+                    self.stop("max_frames")
+                # 4. wait for something to finish
+                refs = pending_takes + [x.ref for x in inflight if x.result is None]
+                wait_s = batcher.time_to_ready()
+                timeout = 0.05 if wait_s is None else min(0.05, wait_s)
+                done, _ = ray.wait(refs, num_returns=1, timeout=timeout) if refs else ([], [])
+                if not refs:
+                    self._stop_event.wait(timeout)
+                if done:
+                    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                done_set = set(done)
+                for s in self.sources:
+                    if s.take_ref is not None and s.take_ref in done_set:
+                        res = self._get_take(s)
+                        if res.frames:
+                            last_frame_t = time.monotonic()
+                            taken += len(res.frames)
+                            batcher.add(res.frames)
+                        if res.exhausted:
+                            s.done = True
+                for x in inflight:
+                    if x.result is None and x.ref in done_set:
+                        x.result = self._get_score(x)
+                while inflight and inflight[0].result is not None:
+                    x = inflight.popleft()
+                    per_replica[x.replica] -= 1
+                    self._handle_result(x.frames, x.result)
+        finally:
+            self._finish()
+        self.summary.seconds = time.monotonic() - t_start
+        return self.summary
+
+    def _all_sources_done(self) -> bool:
+        return all(s.done for s in self.sources)
+
+    # ------------------------------------------------------------------ results
+    def _get_take(self, s: _Source) -> TakeResult:
+        ref, s.take_ref = s.take_ref, None
+        try:
+            res: TakeResult = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            log.error("ingest actor for %s failed: %s", s.camera_id, _cause(e))
+            s.done = True
+            return TakeResult([], [], s.stats or IngestStats(s.camera_id), True, str(e))
+        if res.error and res.exhausted:
+            log.error("source %s ended with an error: %s", s.camera_id, res.error)
+        self._record_ingest(s, res.stats)
+        for dead in res.dead_letters:
+            self._dead_letter(dead)
+        return res
+
+    def _get_score(self, x: _Inflight) -> BatchResult:
+        try:
+            return ray.get(x.ref)
+        except ray.exceptions.RayError as e:
+            return BatchResult(None, None, None, 0.0, self.model_name, f"model actor failed: {_cause(e)}")  # type: ignore[arg-type]
+
+    def _record_ingest(self, s: _Source, stats: IngestStats) -> None:
+        s.stats = stats
+        t = self.telemetry
+        t.add_cumulative(t.frames_ingested, (s.camera_id,), stats.ingested)
+        t.add_cumulative(t.decode_errors, (s.camera_id,), stats.decode_errors)
+        t.add_cumulative(t.source_reconnects, (s.camera_id,), stats.reconnects)
+        t.add_dropped(s.camera_id, stats.dropped)
+        t.queue_depth.labels(f"ingest:{s.camera_id}").set(stats.queue_depth)
+        t.source_up.labels(s.camera_id).set(1 if stats.source_up else 0)
+
+    def _dead_letter(self, dead: DeadLetter) -> None:
+        self.summary.dead_letters += 1
+        self.telemetry.dead_letters.labels(dead.frame.camera_id, dead.reason).inc()
+        log.warning("dead letter %s/%s: %s", dead.frame.camera_id, dead.frame.seq, dead.error)
+        for sink in self.sinks:
+            self._safe(sink, "write_dead_letter", dead.frame, dead.error)
+
+    def _handle_result(self, frames: list[Frame], res: BatchResult) -> None:
+        t = self.telemetry
+        if res.error is not None:
+            for f in frames:
+                self._dead_letter(DeadLetter(f, res.error, reason="model_error"))
+            return
+        t.batch_size.labels(res.model).observe(len(frames))
+        t.inference_seconds.labels(res.model).observe(res.infer_s)
+        now = time.time()
+        scored: list[ScoredFrame] = []
+        for i, f in enumerate(frames):
+            latency = now - f.meta.get("t_ingest", now)
+            sf = ScoredFrame(
+                camera_id=f.camera_id,
+                seq=f.seq,
+                timestamp=f.timestamp,
+                score=float(res.scores[i]),
+                label=bool(res.scores[i] >= self._threshold(f.camera_id)),
+                model=res.model,
+                latency_ms=latency * 1000.0,
+                origin=f.origin,
+                meta={k: v for k, v in f.meta.items() if k != "t_ingest"},
+                image=f.image,
+                anomaly_map=None if res.anomaly_maps is None else res.anomaly_maps[i],
+                boxes=None if res.boxes is None else res.boxes[i],
+            )
+            scored.append(sf)
+            t.anomaly_score.labels(f.camera_id, res.model).observe(sf.score)
+            t.last_score.labels(f.camera_id, res.model).set(sf.score)
+            t.end_to_end.labels(f.camera_id).observe(latency)
+            for alert in self.alerts.update(sf):
+                self._emit_alert(alert, sf)
+        for sink in self.sinks:
+            self._safe(sink, "write", scored)
+        for f in scored:
+            t.frames_scored.labels(f.camera_id, f.model).inc()
+        self.summary.scored += len(scored)
+        self._ack(frames)
+
+    def _threshold(self, camera_id: str) -> float:
+        if camera_id not in self._thresholds:
+            self._thresholds[camera_id] = self.cfg.alerts.policy_for(camera_id)["threshold"]
+        return self._thresholds[camera_id]
+
+    def _emit_alert(self, alert: Alert, frame: ScoredFrame | None) -> None:
+        if alert.state == "open":
+            self.summary.alerts_opened += 1
+            if self.snapshots is not None and frame is not None:
+                alert.snapshot = self.snapshots.save(alert, frame)
+        t = self.telemetry
+        t.alerts.labels(alert.camera_id, alert.model, alert.state).inc()
+        t.alerts_open.labels(alert.camera_id, alert.model).set(
+            sum(1 for a in self.alerts.open_alerts if a.camera_id == alert.camera_id)
+        )
+        for sink in self.sinks:
+            self._safe(sink, "write_alert", alert)
+
+    def _ack(self, frames: list[Frame]) -> None:
+        by_source: dict[str, list[tuple[str, int, dict]]] = {}
+        for f in frames:
+            by_source.setdefault(f.camera_id, []).append((f.camera_id, f.seq, f.origin))
+        for s in self.sources:
+            items = by_source.get(s.camera_id)
+            if items:
+                s.actor.ack.remote(items)
+
+    def _safe(self, sink: Sink, method: str, *args: Any) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception:
+            self.telemetry.sink_errors.labels(type(sink).__name__).inc()
+            log.exception("%s.%s failed", type(sink).__name__, method)
+
+    # ------------------------------------------------------------------ shutdown
+    def _finish(self) -> None:
+        if not hasattr(self, "sources"):
+            self.telemetry.stop()
+            return
+        for alert in self.alerts.close_all():
+            self._emit_alert(alert, None)
+        final = []
+        for s in self.sources:
+            try:
+                final.append(ray.get(s.actor.stop.remote(), timeout=30))
+            except Exception as e:
+                log.error("stopping ingest for %s: %s", s.camera_id, _cause(e))
+                final.append(s.stats)
+        for s, stats in zip(self.sources, final):
+            if stats is not None:
+                self._record_ingest(s, stats)
+                self.summary.ingested += stats.ingested
+                for reason, n in stats.dropped.items():
+                    self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + n
+                self.summary.per_camera[s.camera_id] = {
+                    "ingested": stats.ingested,
+                    "dropped": dict(stats.dropped),
+                    "dead_letters": stats.dead_letters,
+                }
+            self.telemetry.source_up.labels(s.camera_id).set(0)
+        self.summary.stop_reason = self._stop_reason or "stopped"
+        for sink in self.sinks:
+            self._safe(sink, "close")
+        self._teardown_actors()
+        log.info(
+            "stopped (%s): %d ingested, %d scored, %d dead letters, dropped %s, %d alerts",
+            self.summary.stop_reason,
+            self.summary.ingested,
+            self.summary.scored,
+            self.summary.dead_letters,
+            self.summary.dropped or "none",
+            self.summary.alerts_opened,
+        )
+
+    def _teardown_actors(self) -> None:
+        for actor in [s.actor for s in getattr(self, "sources", [])] + list(getattr(self, "replicas", [])):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                log.debug("kill failed", exc_info=True)
+
+    def close(self) -> None:
+        """Stop serving metrics (call after reading them, e.g. in tests)."""
+        self.telemetry.stop()
+
+
+def _cause(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    tail = [ln for ln in text if ln.strip()][-1:] or [type(e).__name__]
+    return tail[0]
