@@ -20,6 +20,7 @@ __all__ = [
     "Frame",
     "Prediction",
     "ScoredFrame",
+    "as_rgb_uint8",
     "decode_image",
     "encode_jpeg",
     "resize_image",

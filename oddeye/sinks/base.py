@@ -14,16 +14,16 @@ class Sink:
     shape) with the error, so that no input disappears without a record.
     """
 
-    def write(self, frames: Sequence[ScoredFrame]) -> None:  # noqa: B027
+    def write(self, frames: Sequence[ScoredFrame]) -> None:
         """Write a batch of scored frames."""
 
-    def write_alert(self, alert: Alert) -> None:  # noqa: B027
+    def write_alert(self, alert: Alert) -> None:
         """Write one alert event (open, update or close)."""
 
-    def write_dead_letter(self, frame: Frame, error: str) -> None:  # noqa: B027
+    def write_dead_letter(self, frame: Frame, error: str) -> None:
         """Record a frame that could not be scored."""
 
-    def flush(self) -> None:  # noqa: B027
+    def flush(self) -> None:
         """Push buffered output to its destination."""
 
     def close(self) -> None:

@@ -30,14 +30,14 @@ class Source:
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
 
-    def ack(self, frame: Frame) -> None:  # noqa: B027 - optional hook
+    def ack(self, frame: Frame) -> None:
         """Mark ``frame`` as fully processed."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release files, sockets and threads."""
 
-    def count_skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    def count_skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def describe(self) -> dict[str, Any]:
         """A loggable summary (never secrets)."""

@@ -1,0 +1,238 @@
+"""Alert logic: turn each camera's score stream into alert open / update / close events.
+
+Pure Python and driven only by frame timestamps (never the wall clock), so a replayed
+stream yields the same events with the same ids. The pipeline hosts one tracker in an
+actor; cameras never affect each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from oddeye.frames import Alert, AlertState, ScoredFrame
+
+__all__ = ["AlertPolicy", "AlertTracker"]
+
+
+@dataclass
+class AlertPolicy:
+    """When an alert opens, stays open and closes.
+
+    An alert opens after ``min_frames`` consecutive frames score ≥ ``threshold`` and the
+    camera is out of its ``cooldown_s`` (counted from its last close). It closes after
+    ``close_frames`` consecutive frames score < ``threshold - hysteresis``; frames in
+    between keep it open. While open, an ``update`` event goes out every
+    ``update_interval_s`` of frame time (0 = never).
+    """
+
+    threshold: float = 0.5
+    min_frames: int = 3
+    hysteresis: float = 0.1
+    close_frames: int = 5
+    cooldown_s: float = 10.0
+    update_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0.0 <= self.hysteresis < self.threshold:
+            raise ValueError(f"hysteresis must be in [0, threshold={self.threshold}), got {self.hysteresis}")
+        for name in ("min_frames", "close_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+        for name in ("cooldown_s", "update_interval_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number ≥ 0, got {value!r}")
+
+    @property
+    def close_below(self) -> float:
+        """Scores under this count towards closing an open alert."""
+        return self.threshold - self.hysteresis
+
+
+class _CameraState:
+    """Everything the tracker remembers about one camera."""
+
+    __slots__ = (
+        "alert_id",
+        "boxes",
+        "frames",
+        "last_close_ts",
+        "last_event_ts",
+        "last_seq",
+        "last_ts",
+        "low_run",
+        "model",
+        "peak",
+        "run_boxes",
+        "run_len",
+        "run_peak",
+        "run_start_seq",
+        "run_start_ts",
+        "snapshot",
+        "started_at",
+    )
+
+    def __init__(self) -> None:
+        # the current run of frames at or above the threshold (before an alert opens)
+        self.run_len = 0
+        self.run_start_seq = -1
+        self.run_start_ts = 0.0
+        self.run_peak = 0.0
+        self.run_boxes: list[list[float]] | None = None
+        # the open alert, if any
+        self.alert_id: str | None = None
+        self.started_at = 0.0
+        self.peak = 0.0
+        self.boxes: list[list[float]] | None = None
+        self.frames = 0
+        self.low_run = 0
+        self.last_event_ts = 0.0
+        self.snapshot: str | None = None
+        # history
+        self.last_close_ts: float | None = None
+        self.last_ts = 0.0
+        self.last_seq = -1
+        self.model = ""
+
+
+class AlertTracker:
+    """Per-camera alert state machine; ``update`` one scored frame at a time.
+
+    ``overrides`` maps camera_id to a policy that replaces ``policy`` for that camera.
+    Events are new ``Alert`` objects; ``frames`` counts every frame from the first frame
+    of the opening run up to the event, ``boxes`` are those of the peak frame, and
+    ``model`` is the tracker's model name, or else the frames' own.
+    """
+
+    def __init__(
+        self, policy: AlertPolicy | None = None, model: str = "", overrides: dict[str, AlertPolicy] | None = None
+    ) -> None:
+        self.policy = policy if policy is not None else AlertPolicy()
+        self.model = model
+        self.overrides = dict(overrides or {})
+        self._cameras: dict[str, _CameraState] = {}
+
+    def policy_for(self, camera_id: str) -> AlertPolicy:
+        """The policy that applies to one camera."""
+        return self.overrides.get(camera_id, self.policy)
+
+    @property
+    def open_alerts(self) -> int:
+        """How many cameras have an alert open right now."""
+        return sum(1 for s in self._cameras.values() if s.alert_id is not None)
+
+    def open_alert_ids(self) -> dict[str, str]:
+        """camera_id → alert_id of every open alert."""
+        return {cam: s.alert_id for cam, s in self._cameras.items() if s.alert_id is not None}
+
+    def set_snapshot(self, camera_id: str, path: str | None) -> None:
+        """Remember the snapshot of a camera's open alert so its update/close events carry it too."""
+        state = self._cameras.get(camera_id)
+        if state is not None and state.alert_id is not None:
+            state.snapshot = path
+
+    def update_many(self, frames: Iterable[ScoredFrame]) -> list[Alert]:
+        """``update`` each frame in order; all the events they cause."""
+        events: list[Alert] = []
+        for frame in frames:
+            events.extend(self.update(frame))
+        return events
+
+    def update(self, frame: ScoredFrame) -> list[Alert]:
+        """Feed one scored frame; returns the alert events it causes (usually none)."""
+        policy = self.policy_for(frame.camera_id)
+        state = self._cameras.get(frame.camera_id)
+        if state is None:
+            state = self._cameras[frame.camera_id] = _CameraState()
+        score = float(frame.score)
+        if math.isnan(score):  # no evidence of an anomaly: counts as a low frame
+            score = 0.0
+        ts = float(frame.timestamp)
+        state.last_ts, state.last_seq, state.model = ts, frame.seq, frame.model
+
+        if state.alert_id is not None:
+            return self._update_open(state, frame, score, ts, policy)
+        return self._update_closed(state, frame, score, ts, policy)
+
+    def close_all(self) -> list[Alert]:
+        """Close every open alert (at shutdown), ended at each camera's last frame time."""
+        events = []
+        for camera_id, state in self._cameras.items():
+            if state.alert_id is not None:
+                events.append(self._close(camera_id, state, state.last_ts, state.last_seq))
+        return events
+
+    # ------------------------------------------------------------------ internals
+
+    def _update_closed(
+        self, state: _CameraState, frame: ScoredFrame, score: float, ts: float, policy: AlertPolicy
+    ) -> list[Alert]:
+        if score < policy.threshold:
+            state.run_len = 0
+            return []
+        if state.run_len == 0:
+            state.run_start_seq, state.run_start_ts = frame.seq, ts
+            state.run_peak, state.run_boxes = score, frame.boxes
+        elif score > state.run_peak:
+            state.run_peak, state.run_boxes = score, frame.boxes
+        state.run_len += 1
+        if state.run_len < policy.min_frames:
+            return []
+        if state.last_close_ts is not None and ts - state.last_close_ts < policy.cooldown_s:
+            return []  # the run goes on counting; it opens once the cooldown is over
+        state.alert_id = f"{frame.camera_id}-{state.run_start_seq}"
+        state.started_at = state.run_start_ts
+        state.peak, state.boxes = state.run_peak, state.run_boxes
+        state.frames = state.run_len
+        state.low_run = 0
+        state.last_event_ts = ts
+        state.snapshot = None
+        state.run_len = 0
+        return [self._event(frame.camera_id, state, "open", None, frame.seq)]
+
+    def _update_open(
+        self, state: _CameraState, frame: ScoredFrame, score: float, ts: float, policy: AlertPolicy
+    ) -> list[Alert]:
+        state.frames += 1
+        if score > state.peak:
+            state.peak, state.boxes = score, frame.boxes
+        if score < policy.close_below:
+            state.low_run += 1
+            if state.low_run >= policy.close_frames:
+                return [self._close(frame.camera_id, state, ts, frame.seq)]
+        else:
+            state.low_run = 0
+        if policy.update_interval_s > 0 and ts - state.last_event_ts >= policy.update_interval_s:
+            state.last_event_ts = ts
+            return [self._event(frame.camera_id, state, "update", None, frame.seq)]
+        return []
+
+    def _close(self, camera_id: str, state: _CameraState, ts: float, seq: int) -> Alert:
+        event = self._event(camera_id, state, "close", ts, seq)
+        state.alert_id = None
+        state.low_run = 0
+        state.run_len = 0
+        state.snapshot = None
+        state.last_close_ts = ts
+        return event
+
+    def _event(self, camera_id: str, state: _CameraState, kind: AlertState, ended_at: float | None, seq: int) -> Alert:
+        assert state.alert_id is not None
+        return Alert(
+            alert_id=state.alert_id,
+            camera_id=camera_id,
+            state=kind,
+            started_at=state.started_at,
+            ended_at=ended_at,
+            peak_score=state.peak,
+            frames=state.frames,
+            model=self.model or state.model,
+            snapshot=state.snapshot,
+            seq=seq,
+            boxes=None if state.boxes is None else [list(b) for b in state.boxes],
+        )
