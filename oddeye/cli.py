@@ -152,7 +152,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         cfg = load_config(demo_config_path(), [*overrides, "model.params.pre_trained=false"])
         fit_from_config(cfg)
-    print("oddeye demo: streaming the synthetic camera with injected anomalies" + (" (Ctrl-C stops)" if args.forever else ""))
+    print(
+        "oddeye demo: streaming the synthetic camera with injected anomalies"
+        + (" (Ctrl-C stops)" if args.forever else "")
+    )
     card = Scorecard()
     run_args = argparse.Namespace(out=str(out), max_frames=None, duration=None, idle_timeout=None)
     rc = cmd_run(cfg, run_args, extra_sinks=[card])

@@ -113,6 +113,8 @@ class FitConfig(_Section):
     source: SourceConfig | None = None
     """Normal frames to learn from; defaults to the first source (with anomalies off for a synthetic one)."""
     max_frames: int = Field(200, ge=2)
+    stride: int = Field(1, ge=1)
+    """Keep every ``stride``-th frame of the fit source, so a fixed number of frames spans more of the scene."""
     val_fraction: float = Field(0.2, gt=0, lt=1)
     batch_size: int = Field(16, ge=1)
 
@@ -200,9 +202,8 @@ class AlertsConfig(AlertPolicyConfig):
         for cam, fields in v.items():
             unknown = sorted(set(fields) - set(AlertPolicyConfig.model_fields))
             if unknown:
-                raise ValueError(
-                    f"{cam}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(AlertPolicyConfig.model_fields)}"
-                )
+                allowed = ", ".join(AlertPolicyConfig.model_fields)
+                raise ValueError(f"{cam}: unknown field(s) {', '.join(unknown)}; allowed: {allowed}")
         return v
 
     def policy_for(self, camera_id: str | None = None) -> dict[str, Any]:
@@ -286,7 +287,9 @@ def _expand(node: Any, path: str, env: typing.Mapping[str, str]) -> Any:
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(f"{path}: environment variable {name} is not set (write ${{{name}:-default}} to default it)")
+            raise ConfigError(
+                f"{path}: environment variable {name} is not set (write ${{{name}:-default}} to default it)"
+            )
 
         expanded = _VAR.sub(sub, node)
         if expanded != node and _VAR.fullmatch(node):
@@ -333,7 +336,9 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
 
 
-def parse_config(raw: Any, overrides: typing.Sequence[str] = (), env: typing.Mapping[str, str] | None = None, origin: str = "config") -> OddeyeConfig:
+def parse_config(
+    raw: Any, overrides: typing.Sequence[str] = (), env: typing.Mapping[str, str] | None = None, origin: str = "config"
+) -> OddeyeConfig:
     """Validate a config given as a mapping (already parsed YAML)."""
     if raw is None:
         raw = {}
@@ -348,7 +353,9 @@ def parse_config(raw: Any, overrides: typing.Sequence[str] = (), env: typing.Map
         raise ConfigError(f"{origin} is not valid:\n" + _format_errors(e)) from None
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = (), env: typing.Mapping[str, str] | None = None) -> OddeyeConfig:
+def load_config(
+    path: str | Path, overrides: typing.Sequence[str] = (), env: typing.Mapping[str, str] | None = None
+) -> OddeyeConfig:
     """Read, expand, override and validate a YAML config file."""
     path = Path(path)
     if not path.is_file():
@@ -371,10 +378,10 @@ def demo_config_path() -> Path:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        path, cls = _resolve(OddeyeConfig, e["loc"])
+        path, _cls = _resolve(OddeyeConfig, e["loc"])
         where = ".".join(path) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parent, pcls = _resolve(OddeyeConfig, e["loc"][:-1])
+            _parent, pcls = _resolve(OddeyeConfig, e["loc"][:-1])
             allowed = ", ".join(pcls.model_fields) if pcls else "?"
             lines.append(f"  {where}: unknown field {path[-1]!r} (allowed here: {allowed})")
         elif e["type"] == "union_tag_invalid":

@@ -120,7 +120,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", expec
         raise CheckpointError(f"{path}: {e}") from e
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match model {name!r} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(
+            f"{path}: weights do not match model {name!r} (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     model.fitted = True
     model.eval()
     return model
@@ -133,7 +135,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the safe unpickler refuses code and anything unexpected
-        raise CheckpointError(f"{path}: not a loadable oddeye checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        reason = (
+            "it holds objects other than tensors and plain data"
+            if "weights_only" in str(e) or "Unsupported global" in str(e)
+            else (str(e).splitlines() or ["empty or truncated file"])[0]
+        )
+        raise CheckpointError(
+            f"{path}: not a loadable oddeye checkpoint ({type(e).__name__}: {reason}); refusing to unpickle it"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an oddeye checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return ckpt
@@ -226,9 +235,13 @@ class AnomalyModel(nn.Module):
         if seen.count == 0:
             raise FitError("fit received no images: the training data is empty")
         val = val_loader if val_loader is not None else train_loader
-        raw = [self.raw_forward(b)[0].float().cpu() for b in _CheckedBatches(val, self.image_size)]
+        with torch.no_grad():
+            raw = [self.raw_forward(b)[0].float().cpu() for b in _CheckedBatches(val, self.image_size)]
         if not raw:
-            raise FitError("fit received no validation images")
+            raise FitError(
+                "fit received no validation images (pass a val_loader, or a re-iterable train_loader: "
+                "without one the training data is scored again)"
+            )
         self.normalizer.fit(torch.cat(raw))
         self.fitted = True
         return self

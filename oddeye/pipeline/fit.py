@@ -45,15 +45,15 @@ def collect_fit_images(cfg: OddeyeConfig, progress: bool = True) -> np.ndarray:
         # Fit on the same scene with no injected anomalies, and never paced in real time.
         overrides = {"anomaly_every": 0, "realtime": False}
         if cfg.fit.source is None:
-            overrides["num_frames"] = cfg.fit.max_frames
+            overrides["num_frames"] = cfg.fit.max_frames * cfg.fit.stride
     source = build_source(scfg, **overrides)
     size = cfg.model.image_size
     images: list[np.ndarray] = []
     bad = 0
     try:
         bar = tqdm(total=cfg.fit.max_frames, desc="reading fit frames", unit="frame", disable=not progress)
-        for frame in source:
-            if frame.meta.get("anomaly"):
+        for i, frame in enumerate(source):
+            if i % cfg.fit.stride or frame.meta.get("anomaly"):
                 continue  # ground truth says anomalous: not for learning normality
             try:
                 images.append(prepare_frame(frame, size).image)  # type: ignore[arg-type]

@@ -157,7 +157,11 @@ class Pipeline:
             )
             self.sources.append(_Source(i, cam, actor))
         started = ray.get([s.actor.start.remote() for s in self.sources])
-        errors = [f"sources.{s.index} ({s.camera_id}): {r['error']}" for s, r in zip(self.sources, started) if not r["ok"]]
+        errors = [
+            f"sources.{s.index} ({s.camera_id}): {r['error']}"
+            for s, r in zip(self.sources, started, strict=True)
+            if not r["ok"]
+        ]
         if errors:
             self._teardown_actors()
             raise PipelineError("cannot open source(s):\n  " + "\n  ".join(errors))
@@ -348,11 +352,10 @@ class Pipeline:
             self.summary.alerts_opened += 1
             if self.snapshots is not None and frame is not None:
                 alert.snapshot = self.snapshots.save(alert, frame)
+                self.alerts.set_snapshot(alert.camera_id, alert.snapshot)
         t = self.telemetry
         t.alerts.labels(alert.camera_id, alert.model, alert.state).inc()
-        t.alerts_open.labels(alert.camera_id, alert.model).set(
-            sum(1 for a in self.alerts.open_alerts if a.camera_id == alert.camera_id)
-        )
+        t.alerts_open.labels(alert.camera_id, alert.model).set(int(alert.camera_id in self.alerts.open_alert_ids()))
         for sink in self.sinks:
             self._safe(sink, "write_alert", alert)
 
@@ -386,7 +389,7 @@ class Pipeline:
             except Exception as e:
                 log.error("stopping ingest for %s: %s", s.camera_id, _cause(e))
                 final.append(s.stats)
-        for s, stats in zip(self.sources, final):
+        for s, stats in zip(self.sources, final, strict=False):
             if stats is not None:
                 self._record_ingest(s, stats)
                 self.summary.ingested += stats.ingested

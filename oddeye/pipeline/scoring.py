@@ -78,5 +78,7 @@ class ModelWorker:
             boxes = None if pred.boxes is None else [b.float().cpu().tolist() for b in pred.boxes]
         except Exception as e:  # one bad batch must not stop the pipeline
             log.exception("model %s failed on a batch of %d", self.name, len(frames))
-            return BatchResult(np.zeros(0, np.float32), None, None, time.perf_counter() - t0, self.name, f"{type(e).__name__}: {e}")
+            return BatchResult(
+                np.zeros(0, np.float32), None, None, time.perf_counter() - t0, self.name, f"{type(e).__name__}: {e}"
+            )
         return BatchResult(scores, maps, boxes, time.perf_counter() - t0, self.name)

@@ -56,7 +56,7 @@ def test_decodes_resizes_and_dead_letters_corrupt_frames() -> None:
     src = ListSource(_jpeg_frames(20, corrupt={3, 11}))
     w = IngestWorker(lambda: src, "cam", (32, 48), "block", queue_size=4)
     assert w.start() == {"ok": True, "error": None}
-    frames, dead, last = _drain(w)
+    frames, dead, _last = _drain(w)
     assert [f.seq for f in frames] == [i for i in range(20) if i not in (3, 11)]
     assert all(f.image.shape == (32, 48, 3) and f.image.dtype == np.uint8 for f in frames)
     assert [d.frame.seq for d in dead] == [3, 11]

@@ -1,0 +1,147 @@
+"""One multivariate Gaussian per patch position, and the Mahalanobis distance to it (PaDiM).
+
+Statistics can be accumulated batch by batch (``GaussianAccumulator``) so that fitting
+memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GaussianAccumulator", "MultiVariateGaussian", "mahalanobis"]
+
+log = logging.getLogger(__name__)
+
+# PaDiM's covariance regularisation: Sigma + eps * I keeps it invertible.
+COVARIANCE_EPS = 0.01
+# Patch positions inverted at once (bounds the float64 working memory of the inverse).
+_INV_CHUNK = 1024
+
+
+class GaussianAccumulator:
+    """Running count, sum and sum of outer products per patch position.
+
+    Values are shifted by the first batch's mean before accumulating, which keeps the
+    one-pass covariance accurate (no catastrophic cancellation) even in float32.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
+        self.count = 0
+        self.shift: torch.Tensor | None = None  # [C, N]
+        self.sum: torch.Tensor | None = None  # [C, N]
+        self.sum_outer: torch.Tensor | None = None  # [N, C, C]
+
+    @torch.no_grad()
+    def update(self, embedding: torch.Tensor) -> None:
+        """Add a batch of embeddings [B, C, N]."""
+        if embedding.ndim != 3:
+            raise ValueError(f"expected an embedding [B, C, N], got {tuple(embedding.shape)}")
+        x = embedding.detach().to(self.dtype)
+        if self.shift is None:
+            self.shift = x.mean(dim=0)
+            c, n = self.shift.shape
+            self.sum = torch.zeros(c, n, dtype=self.dtype, device=x.device)
+            self.sum_outer = torch.zeros(n, c, c, dtype=self.dtype, device=x.device)
+        elif x.shape[1:] != self.shift.shape:
+            raise ValueError(
+                f"embedding shape {tuple(x.shape[1:])} differs from earlier batches {tuple(self.shift.shape)}"
+            )
+        x = x - self.shift
+        self.sum += x.sum(dim=0)
+        xn = x.permute(2, 1, 0)  # [N, C, B]
+        self.sum_outer.baddbmm_(xn, xn.transpose(1, 2))  # += sum_b x_b x_b^T per position
+        self.count += x.shape[0]
+
+    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean [C, N] and unbiased covariance [N, C, C] (without regularisation)."""
+        if self.count == 0 or self.shift is None:
+            raise ValueError("no embeddings were accumulated")
+        mean_shifted = self.sum / self.count  # [C, N]
+        m = mean_shifted.T  # [N, C]
+        cov = self.sum_outer - self.count * m.unsqueeze(2) * m.unsqueeze(1)
+        cov /= max(self.count - 1, 1)
+        return mean_shifted + self.shift, cov
+
+
+class MultiVariateGaussian(nn.Module):
+    """Per-position Gaussians: buffers ``mean`` [C, N] and ``inv_covariance`` [N, C, C].
+
+    Both buffers start empty and take their shape from ``fit`` or from a loaded state_dict.
+    """
+
+    mean: torch.Tensor
+    inv_covariance: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("inv_covariance", torch.empty(0))
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean.numel() > 0
+
+    @torch.no_grad()
+    def fit(self, embedding: torch.Tensor) -> MultiVariateGaussian:
+        """Fit to embeddings [B, C, N] of normal images."""
+        acc = GaussianAccumulator()
+        acc.update(embedding)
+        return self.fit_accumulated(acc)
+
+    @torch.no_grad()
+    def fit_accumulated(self, acc: GaussianAccumulator) -> MultiVariateGaussian:
+        """Fit from running statistics; stores float32 buffers on this module's device."""
+        mean, cov = acc.mean_and_covariance()
+        n, c, _ = cov.shape
+        eye = torch.eye(c, dtype=cov.dtype, device=cov.device)
+        inv = torch.empty(n, c, c, dtype=torch.float32, device=cov.device)
+        for start in range(0, n, _INV_CHUNK):
+            block = cov[start : start + _INV_CHUNK].to(torch.float64) + COVARIANCE_EPS * eye.to(torch.float64)
+            inv[start : start + _INV_CHUNK] = torch.linalg.inv(block).to(torch.float32)
+        device = self.mean.device
+        self.mean = mean.to(device=device, dtype=torch.float32)
+        self.inv_covariance = inv.to(device)
+        return self
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance [B, N] of embeddings [B, C, N] to the fitted Gaussians."""
+        if not self.fitted:
+            raise RuntimeError("MultiVariateGaussian is not fitted")
+        return mahalanobis(embedding, self.mean, self.inv_covariance)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The buffers' shapes are only known after fitting: take them from the checkpoint.
+        for name in ("mean", "inv_covariance"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(value, dtype=torch.float32, device=getattr(self, name).device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
+    """Distance [B, N] of embeddings [B, C, N] to Gaussians (mean [C, N], inverse covariance [N, C, C]).
+
+    Works position by position with a batched matmul: the largest temporary is [N, B, C],
+    the size of the embedding itself.
+    """
+    if embedding.ndim != 3 or embedding.shape[1:] != mean.shape:
+        raise ValueError(f"embedding {tuple(embedding.shape)} does not match the Gaussian's mean {tuple(mean.shape)}")
+    delta = (embedding.to(mean.dtype) - mean).permute(2, 0, 1)  # [N, B, C]
+    d2 = (torch.bmm(delta, inv_covariance) * delta).sum(dim=2)  # [N, B]
+    return d2.clamp_min(0).sqrt().T.contiguous()

@@ -1,0 +1,73 @@
+"""Shared fixtures: an offline environment, one local Ray per session, a small fitted PaDiM."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never download: hubs are unreachable and a test must not depend on them.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from pathlib import Path
+
+import pytest
+
+from oddeye.config import parse_config
+
+TINY_MODEL = {
+    "name": "padim",
+    "image_size": [96, 96],
+    "device": "cpu",
+    "params": {"backbone": "resnet18", "layers": ["layer1", "layer2"], "pre_trained": False, "n_features": 48},
+}
+
+
+def tiny_config(tmp: Path, **sections: object) -> dict:
+    """A small pipeline config (as a dict) on the synthetic camera, fast enough for CI."""
+    raw: dict = {
+        "ray": {"num_cpus": 2},
+        "sources": [
+            {
+                "type": "synthetic",
+                "camera_id": "cam-a",
+                "width": 160,
+                "height": 120,
+                "num_frames": 120,
+                "anomaly_every": 60,
+                "anomaly_duration": 15,
+                "anomaly_kinds": ["foreign_object", "texture_defect"],
+                "encode": True,
+            }
+        ],
+        "fit": {"max_frames": 80, "stride": 4, "batch_size": 16},
+        "model": {**TINY_MODEL, "checkpoint": str(tmp / "model.pt")},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 20},
+        "alerts": {"threshold": 0.5, "min_frames": 3, "close_frames": 3, "cooldown_s": 1, "update_interval_s": 0},
+        "sinks": [{"type": "jsonl"}, {"type": "snapshots"}],
+        "metrics": {"host": "127.0.0.1", "port": 0},
+    }
+    raw.update(sections)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def fitted_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PaDiM fitted once per session on the tiny synthetic camera."""
+    from oddeye.pipeline.fit import fit_from_config
+
+    tmp = tmp_path_factory.mktemp("fitted")
+    cfg = parse_config(tiny_config(tmp))
+    _, path = fit_from_config(cfg, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting it costs seconds and ~1 GB)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+    yield ray
+    ray.shutdown()
