@@ -143,9 +143,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"oddeye demo: fitting {cfg.model.name} on {cfg.fit.max_frames} normal frames of the synthetic camera")
     try:
         fit_from_config(cfg)
-    except WeightsUnavailableError as e:
+    except WeightsUnavailableError:
         print(
-            f"oddeye demo: pretrained weights are not available here ({e}).\n"
+            f"oddeye demo: pretrained {cfg.model.params.get('backbone', '')} weights are not available here "
+            "(no internet, and none in the local cache).\n"
             "oddeye demo: going on with randomly initialised features, which still catch the synthetic anomalies; "
             "set model.params.weights to a local checkpoint for real ones.",
             file=sys.stderr,

@@ -102,6 +102,9 @@ class Pipeline:
         self._stop_reason: str | None = None
         self._stop_event = threading.Event()
         self._thresholds: dict[str, float] = {}
+        self._handle_signals = False
+        self._batcher: Batcher | None = None
+        self._inflight: deque[_Inflight] = deque()
 
     # ------------------------------------------------------------------ control
     def stop(self, reason: str = "stopped") -> None:
@@ -111,7 +114,13 @@ class Pipeline:
         self._stop_event.set()
 
     def install_signal_handlers(self) -> None:
-        """SIGINT/SIGTERM stop cleanly; a second SIGINT aborts."""
+        """SIGINT/SIGTERM stop cleanly; a second SIGINT aborts. Call from the main thread.
+
+        Installed when the run starts, after ``ray.init`` (which sets handlers of its own).
+        """
+        self._handle_signals = True
+
+    def _install_signal_handlers(self) -> None:
 
         def handler(signum: int, _frame: Any) -> None:
             if self._stop_event.is_set() and signum == signal.SIGINT:
@@ -126,6 +135,8 @@ class Pipeline:
     def _start(self) -> None:
         cfg = self.cfg
         ensure_ray(cfg.ray)
+        if self._handle_signals:
+            self._install_signal_handlers()
         ckpt = Path(cfg.model.checkpoint)
         if not ckpt.is_file():
             raise PipelineError(
@@ -179,8 +190,8 @@ class Pipeline:
         t_start = time.monotonic()
         self._start()
         b = self.cfg.batching
-        batcher = Batcher(b.max_batch_size, b.max_wait_ms)
-        inflight: deque[_Inflight] = deque()
+        batcher = self._batcher = Batcher(b.max_batch_size, b.max_wait_ms)
+        inflight = self._inflight
         per_replica = [0] * len(self.replicas)
         capacity = b.max_batch_size * len(self.replicas) * b.max_inflight_batches
         taken = 0
@@ -380,6 +391,16 @@ class Pipeline:
         if not hasattr(self, "sources"):
             self.telemetry.stop()
             return
+        # Only an exception leaves frames between the stages; count them, never lose them silently.
+        unfinished = [f for x in self._inflight for f in x.frames]
+        if self._batcher is not None:
+            while len(self._batcher):
+                unfinished += self._batcher.pop()
+        if unfinished:
+            log.error("aborted with %d frame(s) in flight; counted as dropped (aborted)", len(unfinished))
+            self.summary.dropped["aborted"] = len(unfinished)
+            for f in unfinished:
+                self.telemetry.frames_dropped.labels(f.camera_id, "aborted").inc()
         for alert in self.alerts.close_all():
             self._emit_alert(alert, None)
         final = []
