@@ -59,7 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
 
     sub.add_parser("models", help="list registered models")
+    for module in _command_modules():
+        module.add_arguments(sub.add_parser(module.COMMAND, help=module.HELP))
     return parser
+
+
+def _command_modules() -> list:
+    import importlib
+    import pkgutil
+
+    import oddeye.commands
+
+    return [
+        importlib.import_module(f"oddeye.commands.{m.name}")
+        for m in sorted(pkgutil.iter_modules(oddeye.commands.__path__), key=lambda m: m.name)
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models()
         if args.command == "demo":
             return cmd_demo(args)
+        for module in _command_modules():
+            if args.command == module.COMMAND:
+                return int(module.run(args))
         cfg = load_config(args.config, args.set)
         if args.command == "fit":
             return cmd_fit(cfg)

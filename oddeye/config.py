@@ -100,8 +100,56 @@ class ImagesSourceConfig(_SourceBase):
     loop: bool = False
 
 
+class KafkaSourceConfig(_SourceBase):
+    """Frames from Kafka topics in oddeye's wire format (value = JPEG/PNG; key/headers camera_id, ts, seq)."""
+
+    type: Literal["kafka"]
+    bootstrap_servers: str | list[str] = "localhost:9092"
+    topics: list[str] = ["frames"]
+    pattern: str | None = None
+    """A regex of topic names to subscribe to instead of ``topics``."""
+    group_id: str = "oddeye"
+    start: Literal["committed", "earliest", "latest"] = "committed"
+    """Where to begin: the group's committed offsets (earliest when it has none), or the ends of the topic."""
+    camera_id: str | None = None
+    """Label of this source in metrics; frames keep the camera_id of their messages."""
+    replicas: int = Field(1, ge=1, le=256)
+    """Ingest actors in the consumer group; Kafka spreads the partitions over them."""
+    max_poll_records: int = Field(100, ge=1)
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    max_message_bytes: int = Field(20_000_000, ge=1024)
+    """Larger values go to the dead-letter topic."""
+    dlq_topic: str | None = "frames.dlq"
+    security: dict[str, Any] = Field(default_factory=dict)
+    """kafka-python security options passed through (security_protocol, sasl_mechanism, sasl_plain_username,
+    sasl_plain_password, ssl_cafile, ...); never logged."""
+    consumer: dict[str, Any] = Field(default_factory=dict)
+    """Any other kafka-python KafkaConsumer options."""
+
+
+class RtspSourceConfig(_SourceBase):
+    """A live RTSP camera."""
+
+    type: Literal["rtsp"]
+    url: str
+    camera_id: str | None = None
+    transport: Literal["tcp", "udp"] = "tcp"
+    backend: Literal["opencv", "pyav"] = "opencv"
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0)
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    every_nth: int = Field(1, ge=1)
+    """Process every Nth decoded frame."""
+    max_fps: float | None = Field(None, gt=0)
+    """Process at most this many frames per second."""
+
+
 SourceConfig = Annotated[
-    Union[SyntheticSourceConfig, VideoSourceConfig, ImagesSourceConfig],  # noqa: UP007
+    Union[  # noqa: UP007
+        SyntheticSourceConfig, VideoSourceConfig, ImagesSourceConfig, KafkaSourceConfig, RtspSourceConfig
+    ],
     Field(discriminator="type"),
 ]
 
@@ -234,8 +282,39 @@ class SnapshotsSinkConfig(_Section):
     quality: int = Field(90, ge=10, le=100)
 
 
+class KafkaSinkConfig(_Section):
+    """Scores and alert events to Kafka topics (JSON values, key = camera_id)."""
+
+    type: Literal["kafka"]
+    bootstrap_servers: str | list[str] = "localhost:9092"
+    scores_topic: str | None = "oddeye.scores"
+    alerts_topic: str | None = "oddeye.alerts"
+    acks: Literal["all", "1", "0"] = "all"
+    linger_ms: int = Field(5, ge=0)
+    retries: int = Field(5, ge=0)
+    security: dict[str, Any] = Field(default_factory=dict)
+    producer: dict[str, Any] = Field(default_factory=dict)
+
+
+class WebhookSinkConfig(_Section):
+    """Alert events POSTed as JSON."""
+
+    type: Literal["webhook"]
+    url: str
+    timeout_s: float = Field(5.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    queue_size: int = Field(1000, ge=1)
+    hmac_secret_env: str | None = None
+    """Name of the environment variable holding the HMAC-SHA256 key for the signature header."""
+    bearer_token_env: str | None = None
+    """Name of the environment variable holding a bearer token."""
+    states: list[Literal["open", "update", "close"]] = ["open", "update", "close"]
+
+
 SinkConfig = Annotated[
-    Union[ConsoleSinkConfig, JsonlSinkConfig, SnapshotsSinkConfig],  # noqa: UP007
+    Union[ConsoleSinkConfig, JsonlSinkConfig, SnapshotsSinkConfig, KafkaSinkConfig, WebhookSinkConfig],  # noqa: UP007
     Field(discriminator="type"),
 ]
 

@@ -71,3 +71,13 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """A tansu broker on 127.0.0.1 for the session; tests use fresh topic and group names."""
+    from tests.servers.kafka import start_broker
+
+    broker = start_broker()
+    yield broker
+    broker.stop()

@@ -5,11 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from oddeye.config import ImagesSourceConfig, SourceConfig, SyntheticSourceConfig, VideoSourceConfig
+from oddeye.config import (
+    ImagesSourceConfig,
+    KafkaSourceConfig,
+    RtspSourceConfig,
+    SourceConfig,
+    SyntheticSourceConfig,
+    VideoSourceConfig,
+)
 from oddeye.sinks.base import Sink
 from oddeye.sources.base import Source
 
-_SOURCE_ONLY = {"type", "drop_policy", "queue_size"}
+_SOURCE_ONLY = {"type", "drop_policy", "queue_size", "replicas"}
 
 
 def build_source(cfg: SourceConfig, **overrides: Any) -> Source:
@@ -28,6 +35,14 @@ def build_source(cfg: SourceConfig, **overrides: Any) -> Source:
         from oddeye.sources.images import ImageFolderSource
 
         return ImageFolderSource(**kwargs)
+    if isinstance(cfg, KafkaSourceConfig):
+        from oddeye.sources.kafka import KafkaSource
+
+        return KafkaSource(**kwargs)
+    if isinstance(cfg, RtspSourceConfig):
+        from oddeye.sources.rtsp import RtspSource
+
+        return RtspSource(**kwargs)
     raise TypeError(f"no source for config {type(cfg).__name__}")
 
 
@@ -35,6 +50,10 @@ def camera_label(cfg: SourceConfig, index: int) -> str:
     """The camera id a source will use, known before it is opened (for metrics and logs)."""
     if getattr(cfg, "camera_id", None):
         return cfg.camera_id  # type: ignore[union-attr]
+    if isinstance(cfg, KafkaSourceConfig):
+        return "kafka:" + (cfg.pattern or ",".join(cfg.topics))
+    if isinstance(cfg, RtspSourceConfig):
+        return f"rtsp-{index}"
     path = getattr(cfg, "path", None)
     if path:
         p = Path(path)
@@ -46,7 +65,8 @@ def drop_policy_for(cfg: SourceConfig) -> str:
     """``auto`` resolves to ``drop_oldest`` for live sources, ``block`` for files and topics."""
     if cfg.drop_policy != "auto":
         return cfg.drop_policy
-    return "drop_oldest" if getattr(cfg, "realtime", False) else "block"
+    live = isinstance(cfg, RtspSourceConfig) or getattr(cfg, "realtime", False)
+    return "drop_oldest" if live else "block"
 
 
 def build_sinks(cfgs: list[Any], out_dir: Path) -> tuple[list[Sink], Any]:
@@ -66,6 +86,14 @@ def build_sinks(cfgs: list[Any], out_dir: Path) -> tuple[list[Sink], Any]:
         elif cfg.type == "snapshots":
             snapshots = SnapshotSink(out_dir, **kwargs)
             sinks.append(snapshots)
+        elif cfg.type == "kafka":
+            from oddeye.sinks.kafka import KafkaSink
+
+            sinks.append(KafkaSink(**kwargs))
+        elif cfg.type == "webhook":
+            from oddeye.sinks.webhook import WebhookSink
+
+            sinks.append(WebhookSink(**kwargs))
         else:
             raise TypeError(f"no sink of type {cfg.type!r}")
     return sinks, snapshots

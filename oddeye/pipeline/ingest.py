@@ -62,6 +62,7 @@ class IngestStats:
     queue_depth: int = 0
     source_up: bool = False
     reconnects: int = 0
+    lag: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -159,6 +160,11 @@ class IngestWorker:
 
     def _handle(self, frame: Frame) -> None:
         self.stats.ingested += 1
+        if frame.meta.get("error"):
+            self._push_dead(
+                DeadLetter(frame, str(frame.meta["error"]), reason=frame.meta.get("error_reason", "invalid"))
+            )
+            return
         original = frame.image
         try:
             prepare_frame(frame, self.image_size)
@@ -170,10 +176,9 @@ class IngestWorker:
         with self._cond:
             while len(self._queue) >= self.queue_size:
                 if self.drop_policy == "drop_oldest":
-                    self._queue.popleft()
-                    self.stats.drop("queue_full")
+                    self._dropped_by_policy(self._queue.popleft())
                 elif self.drop_policy == "drop_newest":
-                    self.stats.drop("queue_full")
+                    self._dropped_by_policy(frame)
                     return
                 else:  # block: back-pressure on the source
                     if self._stop.is_set():
@@ -184,7 +189,20 @@ class IngestWorker:
             self.stats.queue_depth = len(self._queue)
             self._cond.notify_all()
 
+    def _dropped_by_policy(self, frame: Frame) -> None:
+        """A frame dropped by the configured policy is finished: counted, and acknowledged."""
+        self.stats.drop("queue_full")
+        self._safe_source_call("ack", frame)
+
+    def _safe_source_call(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.source, method)(*args)
+        except Exception:
+            log.exception("source %s: %s failed", self.stats.camera_id, method)
+
     def _push_dead(self, dead: DeadLetter) -> None:
+        # The source's own dead-letter path first (a Kafka DLQ topic), then the driver's sinks.
+        self._safe_source_call("dead_letter", dead.frame, dead.error)
         with self._cond:
             while len(self._dead) >= self.queue_size and not self._stop.is_set():
                 self._cond.wait(0.1)  # dead letters are never dropped: wait for the driver
@@ -193,9 +211,19 @@ class IngestWorker:
             self._cond.notify_all()
 
     def _sync_source_skips(self) -> None:
-        if self.source is not None:
-            for reason, n in self.source.skipped.items():
-                self.stats.dropped[reason] = n
+        """Copy the source's own counters (skips, health, lag) into the stats."""
+        src = self.source
+        if src is None:
+            return
+        for reason, n in src.skipped.items():
+            self.stats.dropped[reason] = n
+        self.stats.reconnects = src.reconnects
+        if src.up is not None and not self._finished:
+            self.stats.source_up = src.up
+        try:
+            self.stats.lag = dict(src.lag())
+        except Exception:
+            log.debug("lag() failed", exc_info=True)
 
     # -- driver side
     def take(self, max_n: int, timeout_s: float) -> TakeResult:

@@ -36,6 +36,8 @@ from oddeye.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 
+ACK_INTERVAL_S = 0.2  # how often finished frames are acknowledged to their sources (offset commits)
+
 
 class PipelineError(RuntimeError):
     """The pipeline cannot start or run (a source cannot be opened, the model fails to load)."""
@@ -65,6 +67,7 @@ class _Source:
     index: int
     camera_id: str
     actor: Any
+    config_index: int = 0
     take_ref: Any = None
     want: int = 0
     done: bool = False
@@ -105,6 +108,8 @@ class Pipeline:
         self._handle_signals = False
         self._batcher: Batcher | None = None
         self._inflight: deque[_Inflight] = deque()
+        self._pending_acks: dict[int, list[tuple[str, int, dict]]] = {}
+        self._last_ack_t = 0.0
 
     # ------------------------------------------------------------------ control
     def stop(self, reason: str = "stopped") -> None:
@@ -162,14 +167,17 @@ class Pipeline:
 
         self.sources: list[_Source] = []
         for i, scfg in enumerate(cfg.sources):
-            cam = camera_label(scfg, i)
-            actor = IngestActor.remote(
-                functools.partial(build_source, scfg), cam, self.image_size, drop_policy_for(scfg), scfg.queue_size
-            )
-            self.sources.append(_Source(i, cam, actor))
+            label = camera_label(scfg, i)
+            copies = getattr(scfg, "replicas", 1)  # Kafka: members of one consumer group share the partitions
+            for k in range(copies):
+                cam = label if copies == 1 else f"{label}-{k}"
+                actor = IngestActor.remote(
+                    functools.partial(build_source, scfg), cam, self.image_size, drop_policy_for(scfg), scfg.queue_size
+                )
+                self.sources.append(_Source(len(self.sources), cam, actor, config_index=i))
         started = ray.get([s.actor.start.remote() for s in self.sources])
         errors = [
-            f"sources.{s.index} ({s.camera_id}): {r['error']}"
+            f"sources.{s.config_index} ({s.camera_id}): {r['error']}"
             for s, r in zip(self.sources, started, strict=True)
             if not r["ok"]
         ]
@@ -254,6 +262,8 @@ class Pipeline:
                 for s in self.sources:
                     if s.take_ref is not None and s.take_ref in done_set:
                         res = self._get_take(s)
+                        for f in res.frames:
+                            f.meta["_source"] = s.index
                         if res.frames:
                             last_frame_t = time.monotonic()
                             taken += len(res.frames)
@@ -306,6 +316,8 @@ class Pipeline:
         t.add_dropped(s.camera_id, stats.dropped)
         t.queue_depth.labels(f"ingest:{s.camera_id}").set(stats.queue_depth)
         t.source_up.labels(s.camera_id).set(1 if stats.source_up else 0)
+        for partition, lag in stats.lag.items():
+            t.kafka_lag.labels(s.camera_id, partition).set(lag)
 
     def _dead_letter(self, dead: DeadLetter) -> None:
         self.summary.dead_letters += 1
@@ -335,7 +347,7 @@ class Pipeline:
                 model=res.model,
                 latency_ms=latency * 1000.0,
                 origin=f.origin,
-                meta={k: v for k, v in f.meta.items() if k != "t_ingest"},
+                meta={k: v for k, v in f.meta.items() if k != "t_ingest" and not k.startswith("_")},
                 image=f.image,
                 anomaly_map=None if res.anomaly_maps is None else res.anomaly_maps[i],
                 boxes=None if res.boxes is None else res.boxes[i],
@@ -371,13 +383,29 @@ class Pipeline:
             self._safe(sink, "write_alert", alert)
 
     def _ack(self, frames: list[Frame]) -> None:
-        by_source: dict[str, list[tuple[str, int, dict]]] = {}
+        """Queue acknowledgements; they go out after the acknowledging sinks confirm delivery."""
         for f in frames:
-            by_source.setdefault(f.camera_id, []).append((f.camera_id, f.seq, f.origin))
-        for s in self.sources:
-            items = by_source.get(s.camera_id)
-            if items:
-                s.actor.ack.remote(items)
+            self._pending_acks.setdefault(f.meta.get("_source", 0), []).append((f.camera_id, f.seq, f.origin))
+        if time.monotonic() - self._last_ack_t >= ACK_INTERVAL_S:
+            self._send_acks()
+
+    def _send_acks(self) -> None:
+        """At-least-once: flush the sinks that must confirm delivery, then let sources commit."""
+        self._last_ack_t = time.monotonic()
+        if not self._pending_acks:
+            return
+        for sink in self.sinks:
+            if getattr(sink, "acknowledges", False):
+                try:
+                    sink.flush()
+                except Exception:
+                    # Not delivered: keep the acks, so the source re-delivers these frames after a restart.
+                    self.telemetry.sink_errors.labels(type(sink).__name__).inc()
+                    log.exception("%s could not confirm delivery; offsets not committed", type(sink).__name__)
+                    return
+        pending, self._pending_acks = self._pending_acks, {}
+        for index, items in pending.items():
+            self.sources[index].actor.ack.remote(items)
 
     def _safe(self, sink: Sink, method: str, *args: Any) -> None:
         try:
@@ -403,6 +431,18 @@ class Pipeline:
                 self.telemetry.frames_dropped.labels(f.camera_id, "aborted").inc()
         for alert in self.alerts.close_all():
             self._emit_alert(alert, None)
+        self._send_acks()
+        if self._pending_acks:
+            log.error(
+                "delivery not confirmed: %d frame(s) left uncommitted (they will be re-delivered)",
+                sum(map(len, self._pending_acks.values())),
+            )
+        else:
+            # Wait until the acks reached the sources, so they commit before they are stopped.
+            try:
+                ray.get([s.actor.ack.remote([]) for s in self.sources], timeout=30)
+            except ray.exceptions.RayError as e:
+                log.error("could not confirm acknowledgements: %s", _cause(e))
         final = []
         for s in self.sources:
             try:

@@ -58,6 +58,9 @@ class Telemetry:
         self.queue_depth = Gauge(f"{p}queue_depth", "Frames waiting in a stage", ["stage"], registry=r)
         self.source_up = Gauge(f"{p}source_up", "1 while a source delivers frames", ["camera"], registry=r)
         self.source_reconnects = Counter(f"{p}source_reconnects_total", "Source reconnections", ["camera"], registry=r)
+        self.kafka_lag = Gauge(
+            f"{p}kafka_consumer_lag", "Messages behind the end of each partition", ["source", "partition"], registry=r
+        )
         self.sink_errors = Counter(f"{p}sink_errors_total", "Failed sink writes", ["sink"], registry=r)
         self._seen: dict[tuple[str, tuple[str, ...]], float] = {}
         self.port: int | None = None
