@@ -9,6 +9,7 @@ weights and normalisation together in a checkpoint that loads with
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -104,9 +105,15 @@ def create_model(name: str, **params: Any) -> AnomalyModel:
     return cls(**params)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", expect: str | None = None) -> AnomalyModel:
-    """Load any registered model from a checkpoint written by ``save``."""
-    ckpt = read_checkpoint(path, map_location)
+def load_model(
+    path: str | Path | bytes, map_location: str | torch.device = "cpu", expect: str | None = None
+) -> AnomalyModel:
+    """Load any registered model from a checkpoint written by ``save`` (a path, or its bytes)."""
+    if isinstance(path, (bytes, bytearray)):
+        ckpt = read_checkpoint(path, map_location)
+        path = "<checkpoint bytes>"
+    else:
+        ckpt = read_checkpoint(path, map_location)
     name = ckpt["model"]
     if expect is not None and name != expect:
         raise CheckpointError(f"{path}: checkpoint holds model {name!r}, not {expect!r}")
@@ -128,12 +135,18 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", expec
     return model
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def read_checkpoint(path: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file (or its bytes) with the safe loader: tensors and plain data only."""
+    if isinstance(path, (bytes, bytearray)):
+        source: Any = io.BytesIO(path)
+        path = "<checkpoint bytes>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        source = path
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # the safe unpickler refuses code and anything unexpected
         reason = (
             "it holds objects other than tensors and plain data"

@@ -56,6 +56,8 @@ class RunSummary:
     per_camera: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics_port: int | None = None
     seconds: float = 0.0
+    stream_seconds: float = 0.0
+    """From the first frame the driver received to the last result written (excludes start-up)."""
 
     @property
     def frames_per_s(self) -> float:
@@ -110,6 +112,7 @@ class Pipeline:
         self._inflight: deque[_Inflight] = deque()
         self._pending_acks: dict[int, list[tuple[str, int, dict]]] = {}
         self._last_ack_t = 0.0
+        self._t_first_frame: float | None = None
 
     # ------------------------------------------------------------------ control
     def stop(self, reason: str = "stopped") -> None:
@@ -153,8 +156,11 @@ class Pipeline:
         )
         device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if cuda else "cpu")
         opts = model_actor_options(cfg.model, cuda)
+        # Ship the checkpoint through the object store: model actors on other nodes of a
+        # cluster need not see this machine's files.
+        ckpt_ref = ray.put(ckpt.read_bytes())
         self.replicas = [
-            ModelActor.options(**opts).remote(str(ckpt.resolve()), device, cfg.model.num_threads)
+            ModelActor.options(**opts).remote(ckpt_ref, device, cfg.model.num_threads)
             for _ in range(cfg.model.replicas)
         ]
         try:
@@ -251,8 +257,11 @@ class Pipeline:
                     self.stop("max_frames")
                 # 4. wait for something to finish
                 refs = pending_takes + [x.ref for x in inflight if x.result is None]
-                wait_s = batcher.time_to_ready()
-                timeout = 0.05 if wait_s is None else min(0.05, wait_s)
+                # Wake up for the batcher's deadline only if a replica could take the batch;
+                # otherwise wait for results (never spin: the driver shares the CPUs).
+                room = min(per_replica) < b.max_inflight_batches
+                wait_s = batcher.time_to_ready() if room else None
+                timeout = 0.05 if wait_s is None else max(0.001, min(0.05, wait_s))
                 done, _ = ray.wait(refs, num_returns=1, timeout=timeout) if refs else ([], [])
                 if not refs:
                     self._stop_event.wait(timeout)
@@ -266,6 +275,8 @@ class Pipeline:
                             f.meta["_source"] = s.index
                         if res.frames:
                             last_frame_t = time.monotonic()
+                            if self._t_first_frame is None:
+                                self._t_first_frame = last_frame_t
                             taken += len(res.frames)
                             batcher.add(res.frames)
                         if res.exhausted:
@@ -277,6 +288,8 @@ class Pipeline:
                     x = inflight.popleft()
                     per_replica[x.replica] -= 1
                     self._handle_result(x.frames, x.result)
+                    if self._t_first_frame is not None:
+                        self.summary.stream_seconds = time.monotonic() - self._t_first_frame
         finally:
             self._finish()
         self.summary.seconds = time.monotonic() - t_start
@@ -316,6 +329,7 @@ class Pipeline:
         t.add_dropped(s.camera_id, stats.dropped)
         t.queue_depth.labels(f"ingest:{s.camera_id}").set(stats.queue_depth)
         t.source_up.labels(s.camera_id).set(1 if stats.source_up else 0)
+        t.actor_result("ingest", True, s.camera_id)
         for partition, lag in stats.lag.items():
             t.kafka_lag.labels(s.camera_id, partition).set(lag)
 
@@ -329,9 +343,11 @@ class Pipeline:
     def _handle_result(self, frames: list[Frame], res: BatchResult) -> None:
         t = self.telemetry
         if res.error is not None:
+            t.actor_result("model", not res.error.startswith("model actor failed"))
             for f in frames:
                 self._dead_letter(DeadLetter(f, res.error, reason="model_error"))
             return
+        t.actor_result("model", True)
         t.batch_size.labels(res.model).observe(len(frames))
         t.inference_seconds.labels(res.model).observe(res.infer_s)
         now = time.time()
@@ -353,6 +369,7 @@ class Pipeline:
                 boxes=None if res.boxes is None else res.boxes[i],
             )
             scored.append(sf)
+            t.camera_seen(f.camera_id, res.model)
             t.anomaly_score.labels(f.camera_id, res.model).observe(sf.score)
             t.last_score.labels(f.camera_id, res.model).set(sf.score)
             t.end_to_end.labels(f.camera_id).observe(latency)
@@ -362,6 +379,7 @@ class Pipeline:
             self._safe(sink, "write", scored)
         for f in scored:
             t.frames_scored.labels(f.camera_id, f.model).inc()
+        t.record_sinks(self.sinks)
         self.summary.scored += len(scored)
         self._ack(frames)
 

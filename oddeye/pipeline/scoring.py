@@ -45,13 +45,14 @@ class BatchResult:
 
 
 class ModelWorker:
-    def __init__(self, checkpoint: str, device: str = "auto", num_threads: int | None = None) -> None:
+    def __init__(self, checkpoint: str | bytes, device: str = "auto", num_threads: int | None = None) -> None:
+        """``checkpoint`` is a path or the checkpoint's bytes (how the driver ships it to any node)."""
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.device = resolve_device(device)
         self.model = load_model(checkpoint, map_location="cpu").to(self.device).eval()
         self.name = self.model.name
         self.image_size = self.model.image_size
-        log.info("model %s loaded from %s on %s", self.name, checkpoint, self.device)
+        log.info("model %s loaded on %s", self.name, self.device)
 
     def info(self) -> dict[str, Any]:
         return {"model": self.name, "image_size": list(self.image_size), "device": str(self.device)}
