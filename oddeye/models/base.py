@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "FitError",
     "ScoreNormalizer",
+    "VideoAnomalyModel",
     "create_model",
     "get_model_class",
     "list_models",
@@ -68,7 +69,8 @@ def register(name: str) -> Callable[[type[AnomalyModel]], type[AnomalyModel]]:
 
 def _load_builtin_models() -> None:
     # Importing the packages runs their @register decorators.
-    import oddeye.models.image  # noqa: F401
+    import oddeye.models.image
+    import oddeye.models.video  # noqa: F401
 
 
 def list_models() -> list[str]:
@@ -206,6 +208,7 @@ class AnomalyModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    is_video: ClassVar[bool] = False
 
     def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256)) -> None:
         super().__init__()
@@ -227,8 +230,12 @@ class AnomalyModel(nn.Module):
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         raise NotImplementedError
 
-    def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(raw score [B], raw map [B, H, W] or None[, per-item region boxes [N, 5] for video models])."""
         raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_images(x, self.image_size)
 
     # -- public API
     def fit(
@@ -243,13 +250,13 @@ class AnomalyModel(nn.Module):
         conservative, but still sets a sensible scale).
         """
         self.eval()
-        seen = _CheckedBatches(train_loader, self.image_size)
+        seen = _CheckedBatches(train_loader, self._check_input)
         self._fit_normal(iter(seen), progress)
         if seen.count == 0:
             raise FitError("fit received no images: the training data is empty")
         val = val_loader if val_loader is not None else train_loader
         with torch.no_grad():
-            raw = [self.raw_forward(b)[0].float().cpu() for b in _CheckedBatches(val, self.image_size)]
+            raw = [self.raw_forward(b)[0].float().cpu() for b in _CheckedBatches(val, self._check_input)]
         if not raw:
             raise FitError(
                 "fit received no validation images (pass a val_loader, or a re-iterable train_loader: "
@@ -264,11 +271,14 @@ class AnomalyModel(nn.Module):
         """Score a batch [B, 3, H, W] (float in [0, 1], or uint8) → normalised ``Prediction``."""
         if not self.fitted:
             raise RuntimeError(f"{self.name} is not fitted: call fit() or load a checkpoint")
-        images = _check_images(images, self.image_size)
-        score, amap = self.raw_forward(images)
-        score = self.normalizer(score.float())
-        amap = None if amap is None else self.normalizer(amap.float())
-        return Prediction(score=score, anomaly_map=amap)
+        out = self.raw_forward(self._check_input(images))
+        score = self.normalizer(out[0].float())
+        amap = None if out[1] is None else self.normalizer(out[1].float())
+        boxes = None
+        if len(out) > 2 and out[2] is not None:
+            # Region scores share the frame score's normalisation: a box at 0.9 is as unusual as a frame at 0.9.
+            boxes = [torch.cat([b[:, :4], self.normalizer(b[:, 4:5].float())], 1) for b in out[2]]
+        return Prediction(score=score, anomaly_map=amap, boxes=boxes)
 
     def save(self, path: str | Path) -> Path:
         """Write config, weights and normalisation to one checkpoint file."""
@@ -288,12 +298,39 @@ class AnomalyModel(nn.Module):
         return load_model(path, map_location, expect=cls.name or None)
 
 
-class _CheckedBatches:
-    """Iterates image batches, checking size and counting images as they pass."""
+class VideoAnomalyModel(AnomalyModel):
+    """Base class of video models: they score clips [B, T, 3, H, W] of ``clip_length`` consecutive frames.
 
-    def __init__(self, loader: Iterable[Any], image_size: tuple[int, int]) -> None:
+    The score of a clip is the score of its last frame; ``raw_forward`` returns
+    ``(score [B], map or None, boxes)`` where ``boxes[i]`` is [N, 5] (x1, y1, x2, y2,
+    raw region score) for the regions found in the last frame of clip ``i``. The live
+    pipeline keeps a ring buffer per camera and never mixes cameras in a clip.
+    """
+
+    is_video: ClassVar[bool] = True
+
+    def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256), clip_length: int = 2) -> None:
+        super().__init__(image_size)
+        if clip_length < 1:
+            raise ValueError("clip_length must be at least 1")
+        self.clip_length = int(clip_length)
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 5:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected clips shaped [B, T, 3, H, W], got {shape}")
+        if x.shape[1] != self.clip_length:
+            raise FitError(f"clips of {x.shape[1]} frames; {self.name} takes clip_length={self.clip_length}")
+        b, t = x.shape[:2]
+        return _check_images(x.flatten(0, 1), self.image_size).unflatten(0, (b, t))
+
+
+class _CheckedBatches:
+    """Iterates input batches, checking them and counting items as they pass."""
+
+    def __init__(self, loader: Iterable[Any], check: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.loader = loader
-        self.image_size = image_size
+        self.check = check
         self.count = 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -302,7 +339,7 @@ class _CheckedBatches:
                 batch = batch["image"]
             elif isinstance(batch, (tuple, list)):
                 batch = batch[0]
-            batch = _check_images(batch, self.image_size)
+            batch = self.check(batch)
             self.count += batch.shape[0]
             yield batch
 

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class RunSummary:
     dead_letters: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     alerts_opened: int = 0
+    clip_resets: dict[str, int] = field(default_factory=dict)
+    """Video models: per-camera clip buffers restarted, by reason (seq_gap, seq_reordered, ...)."""
     per_camera: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics_port: int | None = None
     seconds: float = 0.0
@@ -113,6 +116,7 @@ class Pipeline:
         self._pending_acks: dict[int, list[tuple[str, int, dict]]] = {}
         self._last_ack_t = 0.0
         self._t_first_frame: float | None = None
+        self._clip_resets: dict[int, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ control
     def stop(self, reason: str = "stopped") -> None:
@@ -168,6 +172,7 @@ class Pipeline:
         except ray.exceptions.RayActorError as e:
             raise PipelineError(f"the model actor failed to start: {_cause(e)}") from None
         self.model_name = infos[0]["model"]
+        self.is_video = bool(infos[0].get("is_video"))
         self.image_size = tuple(infos[0]["image_size"])
         log.info("model %s on %s × %d, input %s", self.model_name, infos[0]["device"], len(infos), self.image_size)
 
@@ -237,12 +242,21 @@ class Pipeline:
                             budget -= want
                 # 2. dispatch ready batches to replicas with room
                 while batcher.ready(flush=stopping or self._all_sources_done()):
-                    replica = min(range(len(self.replicas)), key=per_replica.__getitem__)
-                    if per_replica[replica] >= b.max_inflight_batches:
-                        break
-                    frames = batcher.pop()
-                    inflight.append(_Inflight(self.replicas[replica].score.remote(frames), replica, frames))
-                    per_replica[replica] += 1
+                    if self.is_video:
+                        # A camera always goes to the same replica: its clip buffer lives there.
+                        if max(per_replica) >= b.max_inflight_batches:
+                            break
+                        groups: dict[int, list[Frame]] = {}
+                        for f in batcher.pop():
+                            groups.setdefault(zlib.crc32(f.camera_id.encode()) % len(self.replicas), []).append(f)
+                    else:
+                        replica = min(range(len(self.replicas)), key=per_replica.__getitem__)
+                        if per_replica[replica] >= b.max_inflight_batches:
+                            break
+                        groups = {replica: batcher.pop()}
+                    for replica, frames in groups.items():
+                        inflight.append(_Inflight(self.replicas[replica].score.remote(frames), replica, frames))
+                        per_replica[replica] += 1
                 self.telemetry.queue_depth.labels("batcher").set(len(batcher))
                 self.telemetry.queue_depth.labels("inference").set(sum(len(x.frames) for x in inflight))
                 # 3. finished?
@@ -287,6 +301,8 @@ class Pipeline:
                 while inflight and inflight[0].result is not None:
                     x = inflight.popleft()
                     per_replica[x.replica] -= 1
+                    if x.result.clip_resets:
+                        self._clip_resets[x.replica] = x.result.clip_resets
                     self._handle_result(x.frames, x.result)
                     if self._t_first_frame is not None:
                         self.summary.stream_seconds = time.monotonic() - self._t_first_frame
@@ -348,6 +364,16 @@ class Pipeline:
                 self._dead_letter(DeadLetter(f, res.error, reason="model_error"))
             return
         t.actor_result("model", True)
+        if res.skipped:
+            # Not scored on purpose (a video model's clip still filling): counted, and finished.
+            for i, reason in res.skipped.items():
+                t.frames_dropped.labels(frames[i].camera_id, reason).inc()
+                self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
+            self._ack([frames[i] for i in res.skipped])
+            frames = [f for i, f in enumerate(frames) if i not in res.skipped]
+            res = _without(res, res.skipped)
+            if not frames:
+                return
         t.batch_size.labels(res.model).observe(len(frames))
         t.inference_seconds.labels(res.model).observe(res.infer_s)
         now = time.time()
@@ -444,7 +470,7 @@ class Pipeline:
                 unfinished += self._batcher.pop()
         if unfinished:
             log.error("aborted with %d frame(s) in flight; counted as dropped (aborted)", len(unfinished))
-            self.summary.dropped["aborted"] = len(unfinished)
+            self.summary.dropped["aborted"] = self.summary.dropped.get("aborted", 0) + len(unfinished)
             for f in unfinished:
                 self.telemetry.frames_dropped.labels(f.camera_id, "aborted").inc()
         for alert in self.alerts.close_all():
@@ -480,6 +506,11 @@ class Pipeline:
                     "dead_letters": stats.dead_letters,
                 }
             self.telemetry.source_up.labels(s.camera_id).set(0)
+        for resets in self._clip_resets.values():
+            for reason, n in resets.items():
+                self.summary.clip_resets[reason] = self.summary.clip_resets.get(reason, 0) + n
+        if self.summary.clip_resets:
+            log.info("clip buffers reset: %s", self.summary.clip_resets)
         self.summary.stop_reason = self._stop_reason or "stopped"
         for sink in self.sinks:
             self._safe(sink, "close")
@@ -504,6 +535,19 @@ class Pipeline:
     def close(self) -> None:
         """Stop serving metrics (call after reading them, e.g. in tests)."""
         self.telemetry.stop()
+
+
+def _without(res: BatchResult, skipped: dict[int, str]) -> BatchResult:
+    """The result restricted to the frames that were scored."""
+    keep = [i for i in range(len(res.scores)) if i not in skipped]
+    return BatchResult(
+        scores=res.scores[keep],
+        anomaly_maps=None if res.anomaly_maps is None else res.anomaly_maps[keep],
+        boxes=None if res.boxes is None else [res.boxes[i] for i in keep],
+        infer_s=res.infer_s,
+        model=res.model,
+        clip_resets=res.clip_resets,
+    )
 
 
 def _cause(e: BaseException) -> str:

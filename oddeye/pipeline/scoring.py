@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from oddeye.frames import Frame
 from oddeye.models.base import load_model
+from oddeye.pipeline.clips import ClipBuffers
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class BatchResult:
     infer_s: float
     model: str
     error: str | None = None
+    skipped: dict[int, str] = field(default_factory=dict)
+    """Frames (by index) that were not scored, with the reason (a video model's clip still filling)."""
+    clip_resets: dict[str, int] = field(default_factory=dict)
+    """Cumulative per-camera clip buffer resets of this replica, by reason (gap, reorder, resolution)."""
 
 
 class ModelWorker:
@@ -52,10 +57,16 @@ class ModelWorker:
         self.model = load_model(checkpoint, map_location="cpu").to(self.device).eval()
         self.name = self.model.name
         self.image_size = self.model.image_size
+        self.clips = ClipBuffers(self.model.clip_length) if self.model.is_video else None
         log.info("model %s loaded on %s", self.name, self.device)
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.name, "image_size": list(self.image_size), "device": str(self.device)}
+        return {
+            "model": self.name,
+            "image_size": list(self.image_size),
+            "device": str(self.device),
+            "is_video": self.model.is_video,
+        }
 
     def images_to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
@@ -63,23 +74,56 @@ class ModelWorker:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch.float().div_(255.0)
 
+    def _inputs(self, frames: list[Frame]) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+        """The model's input batch, the indices of the frames it scores, and the frames it skips."""
+        if self.clips is None:
+            return self.images_to_tensor([f.image for f in frames]), list(range(len(frames))), {}
+        clips, index, skipped = [], [], {}
+        for i, f in enumerate(frames):
+            clip = self.clips.push(f.camera_id, f.seq, f.image)
+            if clip is None:
+                skipped[i] = "clip_warmup"
+            else:
+                clips.append(clip)
+                index.append(i)
+        if not clips:
+            return None, index, skipped
+        t = len(clips[0])
+        batch = self.images_to_tensor([im for c in clips for im in c])
+        return batch.unflatten(0, (len(clips), t)), index, skipped
+
     @torch.inference_mode()
     def score(self, frames: list[Frame]) -> BatchResult:
         t0 = time.perf_counter()
+        resets = dict(self.clips.resets) if self.clips is not None else {}
         try:
-            pred = self.model(self.images_to_tensor([f.image for f in frames]))
+            inputs, index, skipped = self._inputs(frames)
+            if inputs is None:
+                return BatchResult(
+                    np.full(len(frames), np.nan, np.float32), None, None, 0.0, self.name, None, skipped, resets
+                )
+            pred = self.model(inputs)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            scores = pred.score.float().cpu().numpy()
-            if not np.all(np.isfinite(scores)):
+            got = pred.score.float().cpu().numpy()
+            if not np.all(np.isfinite(got)):
                 raise FloatingPointError("model returned non-finite scores")
+            # Results are laid out per input frame; skipped frames keep NaN and no map.
+            scores = np.full(len(frames), np.nan, np.float32)
+            scores[index] = got
             maps = None
             if pred.anomaly_map is not None:
-                maps = (pred.anomaly_map.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            boxes = None if pred.boxes is None else [b.float().cpu().tolist() for b in pred.boxes]
+                got_maps = (pred.anomaly_map.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+                maps = np.zeros((len(frames), *got_maps.shape[1:]), np.uint8)
+                maps[index] = got_maps
+            boxes = None
+            if pred.boxes is not None:
+                boxes = [[] for _ in frames]
+                for j, b in zip(index, pred.boxes, strict=True):
+                    boxes[j] = b.float().cpu().tolist()
         except Exception as e:  # one bad batch must not stop the pipeline
             log.exception("model %s failed on a batch of %d", self.name, len(frames))
             return BatchResult(
                 np.zeros(0, np.float32), None, None, time.perf_counter() - t0, self.name, f"{type(e).__name__}: {e}"
             )
-        return BatchResult(scores, maps, boxes, time.perf_counter() - t0, self.name)
+        return BatchResult(scores, maps, boxes, time.perf_counter() - t0, self.name, None, skipped, resets)
