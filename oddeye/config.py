@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 __all__ = ["ConfigError", "OddeyeConfig", "load_config", "parse_config"]
 
@@ -126,24 +126,63 @@ class KafkaSourceConfig(_SourceBase):
     sasl_plain_password, ssl_cafile, ...); never logged."""
     consumer: dict[str, Any] = Field(default_factory=dict)
     """Any other kafka-python KafkaConsumer options."""
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    """First wait before retrying an unreachable broker; doubles (with jitter) up to ``reconnect_max_s``."""
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class RtspCameraConfig(_Section):
+    """One camera of an RTSP source that reads several."""
+
+    url: str
+    camera_id: str | None = None
+    """Default: host, port and path of the URL (never its credentials)."""
 
 
 class RtspSourceConfig(_SourceBase):
-    """A live RTSP camera."""
+    """Live RTSP cameras: ``url`` for one, ``cameras`` for several read by the same ingest actor.
+
+    One source entry per camera gives each its own ingest actor (and its own ``source_up``); a
+    ``cameras`` list shares one actor, a reader thread per camera, and reports ``source_up`` 1
+    only while every camera delivers. URLs are checked when the source starts, not here, so
+    that a validation message can never echo a URL's credentials.
+    """
 
     type: Literal["rtsp"]
-    url: str
+    url: str | None = None
     camera_id: str | None = None
+    """The camera of ``url``, and the label of this source in metrics."""
+    cameras: list[RtspCameraConfig] = Field(default_factory=list)
+    """More cameras for the same ingest actor (beside ``url``, if set)."""
     transport: Literal["tcp", "udp"] = "tcp"
-    backend: Literal["opencv", "pyav"] = "opencv"
+    backend: Literal["auto", "pyav", "opencv"] = "auto"
+    """Decoder: PyAV (``pip install 'oddeye[rtsp-pyav]'``; less CPU per frame, hung reads end sooner)
+    or OpenCV's FFmpeg backend (always installed). ``auto``: PyAV when installed, else OpenCV."""
     open_timeout_s: float = Field(10.0, gt=0)
+    """Give up on a connection attempt after this long (then back off and retry)."""
     read_timeout_s: float = Field(5.0, gt=0)
+    """A camera with no frame for this long is down (``source_up`` 0) and is reconnected."""
     reconnect_initial_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    """Reconnect backoff: doubles from ``reconnect_initial_s`` up to this, with jitter."""
     every_nth: int = Field(1, ge=1)
     """Process every Nth decoded frame."""
     max_fps: float | None = Field(None, gt=0)
-    """Process at most this many frames per second."""
+    """Process at most this many frames per second (per camera)."""
+
+    @field_validator("reconnect_max_s")
+    @classmethod
+    def _backoff_range(cls, v: float, info: ValidationInfo) -> float:
+        if v < info.data.get("reconnect_initial_s", 0):
+            raise ValueError("reconnect_max_s must be at least reconnect_initial_s")
+        return v
+
+    @model_validator(mode="after")
+    def _some_camera(self) -> RtspSourceConfig:
+        # Only raised when there is no URL at all, so the echoed input holds no credentials.
+        if not self.url and not self.cameras:
+            raise ValueError("give a camera: url (one camera) or cameras (a list of {url, camera_id})")
+        return self
 
 
 SourceConfig = Annotated[
@@ -279,6 +318,8 @@ class JsonlSinkConfig(_Section):
 class SnapshotsSinkConfig(_Section):
     type: Literal["snapshots"]
     max_per_camera: int = Field(100, ge=1)
+    max_age_s: float | None = Field(None, gt=0)
+    """Also delete a camera's snapshots older than this (seconds); None keeps them until the count limit."""
     quality: int = Field(90, ge=10, le=100)
 
 
@@ -293,7 +334,15 @@ class KafkaSinkConfig(_Section):
     linger_ms: int = Field(5, ge=0)
     retries: int = Field(5, ge=0)
     security: dict[str, Any] = Field(default_factory=dict)
+    """kafka-python security options (security_protocol, sasl_*, ssl_*); never logged."""
     producer: dict[str, Any] = Field(default_factory=dict)
+    """Any other kafka-python KafkaProducer options."""
+    buffer_records: int = Field(10_000, ge=1)
+    """Records held while the broker is slow or unreachable; beyond it results are dropped (counted)."""
+    flush_timeout_s: float = Field(10.0, gt=0)
+    """How long a flush waits for the broker to acknowledge before offsets are held back."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
 
 
 class WebhookSinkConfig(_Section):

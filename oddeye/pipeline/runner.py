@@ -115,6 +115,7 @@ class Pipeline:
         self._inflight: deque[_Inflight] = deque()
         self._pending_acks: dict[int, list[tuple[str, int, dict]]] = {}
         self._last_ack_t = 0.0
+        self._delivery_failing = False
         self._t_first_frame: float | None = None
         self._clip_resets: dict[int, dict[str, int]] = {}
 
@@ -321,6 +322,7 @@ class Pipeline:
             res: TakeResult = ray.get(ref)
         except ray.exceptions.RayError as e:
             log.error("ingest actor for %s failed: %s", s.camera_id, _cause(e))
+            self.telemetry.actor_result("ingest", False, s.camera_id)
             s.done = True
             return TakeResult([], [], s.stats or IngestStats(s.camera_id), True, str(e))
         if res.error and res.exhausted:
@@ -442,11 +444,20 @@ class Pipeline:
             if getattr(sink, "acknowledges", False):
                 try:
                     sink.flush()
-                except Exception:
+                except Exception as e:
                     # Not delivered: keep the acks, so the source re-delivers these frames after a restart.
                     self.telemetry.sink_errors.labels(type(sink).__name__).inc()
-                    log.exception("%s could not confirm delivery; offsets not committed", type(sink).__name__)
+                    if not self._delivery_failing:
+                        log.warning(
+                            "%s could not confirm delivery (%s); offsets not committed until it does",
+                            type(sink).__name__,
+                            e,
+                        )
+                    self._delivery_failing = True
                     return
+        if self._delivery_failing:
+            log.info("sinks confirm delivery again; committing offsets")
+            self._delivery_failing = False
         pending, self._pending_acks = self._pending_acks, {}
         for index, items in pending.items():
             self.sources[index].actor.ack.remote(items)

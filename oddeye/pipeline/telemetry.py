@@ -3,15 +3,27 @@
 Actors do not serve metrics themselves: they keep cumulative counters and hand them to
 the driver with their results, and the driver turns them into these metrics. So every
 actor's numbers reach the one endpoint, wherever in a Ray cluster the actor runs.
-Labels come from a small closed set (camera, model, stage, reason), never per-frame values.
+Labels come from a small closed set (camera, model, stage, reason, sink, outcome), never
+per-frame values. The registry also carries prometheus_client's process, platform and GC
+collectors (``process_*``, ``python_*``) for the driver process; Ray actor health shows as
+``oddeye_actor_up{stage}`` and ``oddeye_actor_failures_total{stage}``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +31,11 @@ PREFIX = "oddeye_"
 SCORE_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DROP_REASONS = ("queue_full",)
+"""Reasons exported at 0 from a camera's first report, so rates exist before the first drop."""
+SINK_OUTCOMES = ("sent", "failed", "dropped")
+"""Counters a sink may keep as attributes (Kafka and webhook sinks do); exported as sink_events_total."""
+ALERT_STATES = ("open", "update", "close")
 
 
 class Telemetry:
@@ -62,6 +79,21 @@ class Telemetry:
             f"{p}kafka_consumer_lag", "Messages behind the end of each partition", ["source", "partition"], registry=r
         )
         self.sink_errors = Counter(f"{p}sink_errors_total", "Failed sink writes", ["sink"], registry=r)
+        self.sink_events = Counter(
+            f"{p}sink_events_total", "Records handled by sinks, by outcome", ["sink", "outcome"], registry=r
+        )
+        self.actor_up = Gauge(
+            f"{p}actor_up", "1 while every Ray actor of a stage answered its last call", ["stage"], registry=r
+        )
+        self.actor_failures = Counter(
+            f"{p}actor_failures_total", "Ray actor calls that failed (crash, restart)", ["stage"], registry=r
+        )
+        # The driver process: CPU, memory, file descriptors, GC, Python version.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self._actors: dict[str, dict[str, bool]] = {}
+        self._cameras: set[tuple[str, str]] = set()
         self._seen: dict[tuple[str, tuple[str, ...]], float] = {}
         self.port: int | None = None
         self._server = None
@@ -83,14 +115,46 @@ class Telemetry:
     def add_cumulative(self, counter: Counter, labels: tuple[str, ...], total: float) -> None:
         """Advance ``counter`` to an actor's cumulative ``total`` (increments by the difference)."""
         key = (counter._name, labels)
+        child = counter.labels(*labels)  # exported at 0 from the first report, so rate() sees the first step
         delta = total - self._seen.get(key, 0.0)
         if delta > 0:
-            counter.labels(*labels).inc(delta)
+            child.inc(delta)
             self._seen[key] = total
 
     def add_dropped(self, camera: str, by_reason: Mapping[str, int]) -> None:
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(camera, reason)
         for reason, total in by_reason.items():
             self.add_cumulative(self.frames_dropped, (camera, reason), total)
+
+    def camera_seen(self, camera: str, model: str) -> None:
+        """Export a camera's per-camera series at 0 the first time it is scored (cheap after that)."""
+        if (camera, model) in self._cameras:
+            return
+        self._cameras.add((camera, model))
+        for state in ALERT_STATES:
+            self.alerts.labels(camera, model, state)
+        self.alerts_open.labels(camera, model).set(0)
+        self.frames_scored.labels(camera, model)
+
+    def actor_result(self, stage: str, ok: bool, actor: str = "") -> None:
+        """Record whether a call to a Ray actor of ``stage`` (``ingest``, ``model``) succeeded."""
+        actors = self._actors.setdefault(stage, {})
+        actors[actor] = ok
+        if not ok:
+            self.actor_failures.labels(stage).inc()
+        else:
+            self.actor_failures.labels(stage)
+        self.actor_up.labels(stage).set(1 if all(actors.values()) else 0)
+
+    def record_sinks(self, sinks: Iterable[object]) -> None:
+        """Copy the cumulative ``sent``/``failed``/``dropped`` counters that sinks keep into sink_events_total."""
+        for sink in sinks:
+            name = type(sink).__name__
+            for outcome in SINK_OUTCOMES:
+                total = getattr(sink, outcome, None)
+                if isinstance(total, int):
+                    self.add_cumulative(self.sink_events, (name, outcome), total)
 
     def value(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         """Current value of a sample (``oddeye_frames_scored_total``, ...) summed over matching labels."""

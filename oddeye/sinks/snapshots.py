@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import deque
 from datetime import datetime
 from pathlib import Path
@@ -73,26 +74,38 @@ def _caption(bgr: np.ndarray, text: str) -> None:
 
 
 class SnapshotSink(Sink):
-    """Write ``out_dir/snapshots/<camera_id>/<alert_id>.jpg`` and keep the newest ``max_per_camera``.
+    """Write ``out_dir/snapshots/<camera_id>/<alert_id>.jpg``; keep the newest ``max_per_camera``.
 
-    ``failures`` counts snapshots that could not be written.
+    With ``max_age_s`` a camera's snapshots older than that are deleted too (checked
+    whenever that camera gets a new one). ``failures`` counts snapshots that could not
+    be written.
     """
 
-    def __init__(self, out_dir: str | Path, max_per_camera: int = 100, quality: int = 90, alpha: float = 0.45) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        max_per_camera: int = 100,
+        quality: int = 90,
+        alpha: float = 0.45,
+        max_age_s: float | None = None,
+    ) -> None:
         if max_per_camera < 1:
             raise ValueError(f"max_per_camera must be ≥ 1, got {max_per_camera}")
+        if max_age_s is not None and max_age_s <= 0:
+            raise ValueError(f"max_age_s must be > 0 or None, got {max_age_s}")
         if not 1 <= quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {quality}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.root = Path(out_dir) / "snapshots"
         self.max_per_camera = max_per_camera
+        self.max_age_s = max_age_s
         self.quality = quality
         self.alpha = alpha
         self.failures = 0
         self.saved = 0
         self._warned_no_image = False
-        self._kept: dict[str, deque[Path]] = {}
+        self._kept: dict[str, deque[tuple[float, Path]]] = {}
 
     def save(self, alert: Alert, frame: ScoredFrame) -> str | None:
         """Draw and write the snapshot for ``alert``; its path, or None if there is none."""
@@ -118,25 +131,27 @@ class SnapshotSink(Sink):
         return str(path)
 
     def _retain(self, camera: str, path: Path) -> None:
-        """Record ``path`` as the newest of its camera and delete the oldest beyond the limit."""
+        """Record ``path`` as the newest of its camera; delete the oldest beyond the count and age limits."""
+        now = time.time()
         kept = self._kept.get(camera)
         if kept is None:
             kept = self._kept[camera] = deque(self._existing(path.parent))
-        if path in kept:  # rewritten (a replayed stream): it is the newest now
-            kept.remove(path)
-        kept.append(path)
-        while len(kept) > self.max_per_camera:
-            old = kept.popleft()
+        for item in [k for k in kept if k[1] == path]:  # rewritten (a replayed stream): it is the newest now
+            kept.remove(item)
+        kept.append((now, path))
+        too_old = now - self.max_age_s if self.max_age_s is not None else float("-inf")
+        while len(kept) > self.max_per_camera or (len(kept) > 1 and kept[0][0] < too_old):
+            _, old = kept.popleft()
             try:
                 old.unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("cannot delete old snapshot %s: %s", old, exc)
 
     @staticmethod
-    def _existing(folder: Path) -> list[Path]:
-        """Snapshots already on disk from earlier runs, oldest first."""
+    def _existing(folder: Path) -> list[tuple[float, Path]]:
+        """Snapshots already on disk from earlier runs with their modification times, oldest first."""
         try:
-            files = [p for p in folder.glob("*.jpg") if p.is_file()]
-            return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+            found = [(p.stat().st_mtime_ns, p.name, p) for p in folder.glob("*.jpg") if p.is_file()]
         except OSError:
             return []
+        return [(ns / 1e9, p) for ns, _, p in sorted(found)]

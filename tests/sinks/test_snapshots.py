@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,18 @@ def test_write_and_write_alert_are_noops(tmp_path: Path) -> None:
 def test_invalid_arguments(tmp_path: Path, kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SnapshotSink(tmp_path, **kwargs)
+
+
+def test_retention_by_age(tmp_path: Path) -> None:
+    old_dir = tmp_path / "snapshots" / "cam-1"
+    old_dir.mkdir(parents=True)
+    stale = old_dir / "cam-1-0.jpg"
+    stale.write_bytes(b"from a run an hour ago")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    sink = SnapshotSink(tmp_path, max_per_camera=100, max_age_s=60)
+    assert sink.save(make_alert(seq=10), make_frame(seq=10))
+    assert sorted(p.name for p in old_dir.iterdir()) == ["cam-1-10.jpg"]
+    sink.max_age_s = 0.05
+    time.sleep(0.1)
+    assert sink.save(make_alert(seq=11), make_frame(seq=11))
+    assert sorted(p.name for p in old_dir.iterdir()) == ["cam-1-11.jpg"]  # the newest is always kept

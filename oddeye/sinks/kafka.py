@@ -1,0 +1,296 @@
+"""Kafka sink: scored frames to the scores topic, alert events to the alerts topic.
+
+Wire format (DESIGN.md): key = camera_id (UTF-8); value = a JSON object with
+``schema_version`` plus the record fields; headers ``content-type`` and
+``schema_version``. ``write``/``write_alert`` never block the pipeline: records go into a
+bounded hand-off queue that a background thread feeds to a kafka-python producer
+(acks=all, idempotent, retries, linger). ``flush`` waits until every record written so
+far is acknowledged by the broker and raises ``KafkaSinkError`` otherwise, so the runner
+does not commit the source offsets of frames whose results were not delivered
+(at-least-once). Records whose delivery failed are sent again; records that did not fit
+into the queue are counted in ``dropped`` and make every later ``flush`` fail, so those
+frames are re-delivered after a restart instead of being acknowledged.
+
+A broker that is down at start is logged once and retried with backoff; the sink
+buffers up to ``buffer_records`` records meanwhile. ``security`` options (SASL
+passwords, key files) go to the producer and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oddeye.frames import Alert, ScoredFrame
+from oddeye.sinks.base import Sink
+
+__all__ = ["SCHEMA_VERSION", "KafkaSink", "KafkaSinkError", "encode_value"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_ACKS = {"all": "all", "1": 1, "0": 0, "-1": "all"}
+
+_Record = tuple[str, bytes, bytes]  # topic, key, value
+
+
+class KafkaSinkError(RuntimeError):
+    """Results were not (yet) delivered to Kafka; their source offsets must not be committed."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def encode_value(record: dict[str, Any]) -> bytes:
+    """A record as the JSON bytes of a message value, with ``schema_version`` first."""
+    body = {"schema_version": SCHEMA_VERSION, **record}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode()
+
+
+class KafkaSink(Sink):
+    """Publish scores and alert events to Kafka; ``flush`` confirms delivery (``acknowledges``).
+
+    Counters: ``sent`` (acknowledged by the broker), ``failed`` (delivery attempts that
+    failed and were re-queued), ``dropped`` (did not fit into the buffer; lost).
+    """
+
+    acknowledges = True
+
+    def __init__(
+        self,
+        bootstrap_servers: str | list[str] = "localhost:9092",
+        scores_topic: str | None = "oddeye.scores",
+        alerts_topic: str | None = "oddeye.alerts",
+        acks: str = "all",
+        linger_ms: int = 5,
+        retries: int = 5,
+        security: dict[str, Any] | None = None,
+        producer: dict[str, Any] | None = None,
+        buffer_records: int = 10_000,
+        flush_timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        if acks not in _ACKS:
+            raise ValueError(f"acks must be one of {', '.join(_ACKS)}, got {acks!r}")
+        if buffer_records < 1:
+            raise ValueError(f"buffer_records must be ≥ 1, got {buffer_records}")
+        self.bootstrap_servers = bootstrap_servers
+        self.scores_topic = scores_topic
+        self.alerts_topic = alerts_topic
+        self.buffer_records = buffer_records
+        self.flush_timeout_s = flush_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.reconnect_max_s = reconnect_max_s
+        self._producer_config: dict[str, Any] = {
+            "acks": _ACKS[acks],
+            "retries": retries,
+            "linger_ms": linger_ms,
+            "max_block_ms": 5_000,
+            "bootstrap_timeout_ms": int(connect_timeout_s * 1000),
+            **(producer or {}),
+            **(security or {}),
+            "bootstrap_servers": bootstrap_servers,
+        }
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+        self._producer: Any = None
+        self._queue: deque[_Record] = deque()
+        self._outstanding = 0  # written and not yet acknowledged by the broker
+        self._cond = threading.Condition()
+        self._closing = threading.Event()
+        self._last_error: str | None = None
+        self._unreachable = False  # the last connection attempt failed
+        self._thread = threading.Thread(target=self._run, name="kafka-sink", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:  # never show ``security``
+        return (
+            f"KafkaSink(bootstrap_servers={self.bootstrap_servers!r}, "
+            f"scores={self.scores_topic!r}, alerts={self.alerts_topic!r})"
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
+
+    # ------------------------------------------------------------------ Sink
+    def write(self, frames: Sequence[ScoredFrame]) -> None:
+        if self.scores_topic:
+            self._put([(self.scores_topic, f.camera_id.encode(), encode_value(f.record())) for f in frames])
+
+    def write_alert(self, alert: Alert) -> None:
+        if self.alerts_topic:
+            self._put([(self.alerts_topic, alert.camera_id.encode(), encode_value(alert.record()))])
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every record written so far is acknowledged; raise ``KafkaSinkError`` if not."""
+        if self.dropped:
+            raise KafkaSinkError(
+                f"{self.dropped} record(s) did not fit into the Kafka sink's buffer and were lost; "
+                "offsets stay uncommitted so the frames are re-delivered after a restart"
+            )
+        deadline = time.monotonic() + (self.flush_timeout_s if timeout_s is None else timeout_s)
+        with self._cond:
+            if self._outstanding == 0:
+                return
+            while self._producer is None and not self._unreachable and time.monotonic() < deadline:
+                self._cond.wait(0.05)  # the first connection attempt is still under way
+            if self._producer is None:
+                raise KafkaSinkError(
+                    f"not connected to Kafka at {self.bootstrap_servers}: {self._outstanding} record(s) buffered"
+                )
+            producer = self._producer
+        try:
+            while self._queue_len() and time.monotonic() < deadline:  # the thread hands them to the producer
+                with self._cond:
+                    self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as exc:  # KafkaTimeoutError and friends
+            self._last_error = f"{type(exc).__name__}: {exc}"
+        with self._cond:
+            while self._outstanding and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, min(0.05, deadline - time.monotonic())))
+            if self._outstanding:
+                raise KafkaSinkError(
+                    f"{self._outstanding} record(s) not acknowledged by Kafka within the flush timeout"
+                    + (f" (last error: {self._last_error})" if self._last_error else "")
+                )
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        except KafkaSinkError as exc:
+            log.error("kafka sink closing with undelivered results: %s", exc)
+        finally:
+            self._closing.set()
+            with self._cond:
+                self._cond.notify_all()
+            self._thread.join(10)
+            if self._producer is not None:
+                try:
+                    self._producer.close(timeout=5)
+                except Exception:
+                    log.debug("closing the Kafka producer", exc_info=True)
+                self._producer = None
+
+    # ------------------------------------------------------------------ internals
+    def _queue_len(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _put(self, records: list[_Record]) -> None:
+        with self._cond:
+            room = self.buffer_records - len(self._queue)
+            if room < len(records):
+                lost = len(records) - max(room, 0)
+                if not self.dropped:
+                    log.error(
+                        "kafka sink buffer full (%d records, broker %s): dropping results; "
+                        "offsets will not be committed",
+                        self.buffer_records,
+                        self.bootstrap_servers,
+                    )
+                self.dropped += lost
+                records = records[: max(room, 0)]
+            self._queue.extend(records)
+            self._outstanding += len(records)
+            self._cond.notify_all()
+
+    def _connect(self) -> bool:
+        from kafka import KafkaProducer
+
+        try:
+            producer = KafkaProducer(**self._producer_config)
+        except Exception as exc:
+            with self._cond:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._unreachable = True
+                self._cond.notify_all()
+            return False
+        with self._cond:
+            self._producer = producer
+            self._unreachable = False
+            self._cond.notify_all()
+        return True
+
+    def _run(self) -> None:
+        backoff = 0.5
+        warned = False
+        while not self._closing.is_set():
+            if self._producer is None:
+                if self._connect():
+                    log.info("kafka sink connected to %s", self.bootstrap_servers)
+                    warned = False
+                    backoff = 0.5
+                else:
+                    if not warned:
+                        log.warning(
+                            "kafka sink cannot reach %s (%s); retrying with backoff, buffering up to %d records",
+                            self.bootstrap_servers,
+                            self._last_error,
+                            self.buffer_records,
+                        )
+                        warned = True
+                    self._closing.wait(backoff)
+                    backoff = min(backoff * 2, self.reconnect_max_s)
+                    continue
+            with self._cond:
+                while not self._queue and not self._closing.is_set():
+                    self._cond.wait(0.5)
+                if not self._queue:
+                    continue
+                record = self._queue.popleft()
+                self._cond.notify_all()
+            topic, key, value = record
+            try:
+                future = self._producer.send(
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=[("content-type", b"application/json"), ("schema_version", str(SCHEMA_VERSION).encode())],
+                )
+            except Exception as exc:  # buffer full or metadata unavailable: put it back, try again soon
+                self._requeue(record, f"{type(exc).__name__}: {exc}")
+                self._closing.wait(0.2)
+                continue
+            future.add_callback(self._delivered)
+            future.add_errback(self._undelivered, record)
+
+    def _delivered(self, _metadata: Any) -> None:
+        with self._cond:
+            self.sent += 1
+            self._outstanding -= 1
+            self._cond.notify_all()
+
+    def _undelivered(self, exc: BaseException, record: _Record) -> None:
+        self.failed += 1
+        if self.failed == 1 or self.failed % 1000 == 0:
+            log.warning("kafka sink: delivery to %s failed (%d so far): %s; resending", record[0], self.failed, exc)
+        self._requeue(record, f"{type(exc).__name__}: {exc}")
+
+    def _requeue(self, record: _Record, error: str) -> None:
+        with self._cond:
+            self._last_error = error
+            self._queue.appendleft(record)
+            self._cond.notify_all()
