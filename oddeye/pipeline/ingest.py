@@ -122,6 +122,9 @@ class IngestWorker:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        interrupt = getattr(self.source, "interrupt", None)
+        if callable(interrupt):
+            interrupt()  # a source waiting for input (an idle Kafka topic) ends its iteration now
         if self._thread is not None:
             self._thread.join(timeout_s)
         with self._cond:

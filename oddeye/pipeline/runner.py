@@ -116,6 +116,7 @@ class Pipeline:
         self._pending_acks: dict[int, list[tuple[str, int, dict]]] = {}
         self._last_ack_t = 0.0
         self._delivery_failing = False
+        self._ack_refs: list[Any] = []
         self._t_first_frame: float | None = None
         self._clip_resets: dict[int, dict[str, int]] = {}
 
@@ -460,7 +461,9 @@ class Pipeline:
             self._delivery_failing = False
         pending, self._pending_acks = self._pending_acks, {}
         for index, items in pending.items():
-            self.sources[index].actor.ack.remote(items)
+            self._ack_refs.append(self.sources[index].actor.ack.remote(items))
+        if len(self._ack_refs) > 64:  # forget the ones already done
+            _, self._ack_refs = ray.wait(self._ack_refs, num_returns=len(self._ack_refs), timeout=0)
 
     def _safe(self, sink: Sink, method: str, *args: Any) -> None:
         try:
@@ -493,9 +496,10 @@ class Pipeline:
                 sum(map(len, self._pending_acks.values())),
             )
         else:
-            # Wait until the acks reached the sources, so they commit before they are stopped.
+            # Wait until every ack reached its source (threaded actors run calls in any order),
+            # so the sources commit them before they are stopped.
             try:
-                ray.get([s.actor.ack.remote([]) for s in self.sources], timeout=30)
+                ray.get(self._ack_refs, timeout=30)
             except ray.exceptions.RayError as e:
                 log.error("could not confirm acknowledgements: %s", _cause(e))
         final = []

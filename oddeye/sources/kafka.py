@@ -1,0 +1,650 @@
+"""Frames from Kafka topics, with at-least-once offset commits and a dead-letter topic.
+
+Wire format (one message per frame): value = JPEG or PNG bytes; key = camera_id; headers
+``camera_id``, ``ts`` (capture time, epoch ms), ``seq``, ``content-type``. The helpers
+``encode_frame`` and ``frame_from_record`` are the one implementation of it; the
+publisher (``oddeye publish``) uses them too.
+
+Fallbacks for messages from other producers (documented in ``frame_from_record``):
+camera_id from the header, else the key; a missing ``seq`` is the message's offset; a
+missing ``ts`` is the message's Kafka timestamp; a missing content-type is accepted (the
+decoder decides). Present but unusable fields (an ``seq`` that is not an integer, an
+unknown content-type), a missing camera_id, an empty or oversized value make the frame
+invalid: it is yielded with ``meta["error"]`` so the ingest stage sends it down the
+dead-letter path, which republishes it to ``dlq_topic`` and then counts its offset done.
+
+Commits: the ingest stage acknowledges frames in any order, from any thread. Per partition
+the source keeps the offsets it delivered in order and commits ``offset + 1`` of the
+highest one below which everything is finished. Commits are made on the iterating thread
+between polls (the consumer is not thread-safe) and once more on ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from oddeye.frames import Frame, encode_jpeg
+from oddeye.sources.base import Source, SourceError
+
+__all__ = ["CONTENT_TYPES", "KafkaSource", "encode_frame", "frame_from_record", "sniff_content_type"]
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"image/jpeg": "image/jpeg", "image/jpg": "image/jpeg", "image/png": "image/png"}
+UNKNOWN_CAMERA = "unknown"
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_SECRET_KEY = re.compile(r"password|secret|token|key|username|sasl_oauth|credential", re.IGNORECASE)
+_COMMIT_INTERVAL_S = 0.5
+_HEALTH_INTERVAL_S = 3.0
+_BOOTSTRAP_TIMEOUT_MS = 5_000
+_DLQ_TIMEOUT_S = 30.0
+
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def sniff_content_type(data: bytes | bytearray | memoryview) -> str | None:
+    """``image/jpeg`` or ``image/png`` from the magic bytes, else None."""
+    head = bytes(data[:8])
+    if head[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if head == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    return None
+
+
+def encode_frame(frame: Frame, quality: int = 90) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """A frame as a message: ``(key, value, headers)``.
+
+    Arrays are encoded as JPEG; JPEG/PNG bytes pass through unchanged (other encoded bytes,
+    e.g. BMP, are decoded and re-encoded as JPEG).
+    """
+    image = frame.image
+    if isinstance(image, np.ndarray):
+        value, ctype = encode_jpeg(image, quality), "image/jpeg"
+    else:
+        value = bytes(image)
+        ctype = sniff_content_type(value)
+        if ctype is None:
+            from oddeye.frames import decode_image
+
+            value, ctype = encode_jpeg(decode_image(value), quality), "image/jpeg"
+    key = frame.camera_id.encode()
+    headers = [
+        ("camera_id", key),
+        ("ts", str(round(frame.timestamp * 1000)).encode()),
+        ("seq", str(int(frame.seq)).encode()),
+        ("content-type", ctype.encode()),
+    ]
+    return key, value, headers
+
+
+def _header_map(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
+    """Headers as a dict (the first of duplicated names wins); None values are dropped."""
+    out: dict[str, bytes] = {}
+    for name, value in headers or ():
+        if value is not None and name not in out:
+            out[name] = bytes(value)
+    return out
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        text = value.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return text or None
+
+
+def frame_from_record(record: Any, max_message_bytes: int = 20_000_000) -> Frame:
+    """A ``Frame`` from a consumer record (``topic, partition, offset, key, value, headers, timestamp``).
+
+    Never raises: a message that cannot be scored comes back with ``meta["error"]`` (what is
+    wrong) and ``meta["error_reason"]`` (a short label: ``missing_camera_id``, ``bad_header``,
+    ``content_type``, ``empty``, ``oversized``). ``meta["_kafka_key"]`` and
+    ``meta["_kafka_headers"]`` keep the original key and headers for the dead-letter topic.
+
+    - camera_id: the ``camera_id`` header, else the key (UTF-8); neither is an error.
+    - seq: the ``seq`` header; missing → the message offset (unique and increasing within
+      a partition, and producers key by camera so a camera stays in one partition); present
+      but not an integer → error (a producer bug must not silently reorder a camera).
+    - ts: the ``ts`` header (epoch ms); missing → the message timestamp; garbled → error.
+    - content-type: JPEG or PNG (``image/jpg`` accepted, parameters after ``;`` ignored);
+      missing → accepted, the decoder decides; anything else → error.
+    - value: empty (or a tombstone) → error; larger than ``max_message_bytes`` → error, and
+      the payload is not kept (the dead letter carries the headers and the size only).
+    """
+    headers = list(record.headers or ())
+    hmap = _header_map(headers)
+    value = record.value
+    origin = {"topic": record.topic, "partition": int(record.partition), "offset": int(record.offset)}
+    meta: dict[str, Any] = {"_kafka_key": record.key, "_kafka_headers": headers}
+    errors: list[tuple[str, str]] = []
+
+    camera_id = _text(hmap.get("camera_id")) or _text(record.key)
+    if camera_id is None:
+        errors.append(("missing_camera_id", "no camera_id header and no message key"))
+
+    seq = int(record.offset)
+    if "seq" in hmap:
+        try:
+            seq = int(_text(hmap["seq"]) or "")
+        except ValueError:
+            errors.append(("bad_header", f"seq header {hmap['seq'][:32]!r} is not an integer"))
+
+    ts_ms = getattr(record, "timestamp", None)
+    if "ts" in hmap:
+        try:
+            ts_ms = float(_text(hmap["ts"]) or "")
+            if not np.isfinite(ts_ms):
+                raise ValueError
+        except ValueError:
+            errors.append(("bad_header", f"ts header {hmap['ts'][:32]!r} is not epoch milliseconds"))
+            ts_ms = None
+    timestamp = float(ts_ms) / 1000.0 if ts_ms is not None and ts_ms >= 0 else time.time()
+
+    ctype_raw = hmap.get("content-type")
+    if ctype_raw is not None:
+        ctype = (_text(ctype_raw) or "").split(";")[0].strip().lower()
+        if ctype not in CONTENT_TYPES:
+            errors.append(("content_type", f"unsupported content-type {ctype_raw[:64]!r} (JPEG or PNG only)"))
+
+    image: bytes = b""
+    if value is None or len(value) == 0:
+        errors.append(("empty", "message has no value"))
+    elif len(value) > max_message_bytes:
+        errors.append(("oversized", f"value of {len(value)} bytes exceeds max_message_bytes={max_message_bytes}"))
+        meta["value_bytes"] = len(value)
+    else:
+        image = bytes(value)
+
+    if errors:
+        meta["error"] = "; ".join(text for _, text in errors)
+        meta["error_reason"] = errors[0][0]
+    return Frame(camera_id=camera_id or UNKNOWN_CAMERA, seq=seq, timestamp=timestamp, image=image,
+                 origin=origin, meta=meta)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- offset tracking
+
+
+@dataclass
+class _Partition:
+    """Delivered offsets of one partition, in delivery order, and which of them are done."""
+
+    order: deque[int] = field(default_factory=deque)
+    pending: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)
+    commit_to: int | None = None
+    """``offset + 1`` of the highest offset below which everything is done."""
+    committed: int | None = None
+    next_offset: int | None = None
+
+    def advance(self) -> int | None:
+        while self.order and self.order[0] in self.done:
+            o = self.order.popleft()
+            self.done.discard(o)
+            self.pending.discard(o)
+            self.commit_to = o + 1
+        return self.commit_to
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    """Options with secret-looking values replaced, for logs."""
+    return {k: ("***" if _SECRET_KEY.search(k) and v is not None else v) for k, v in options.items()}
+
+
+class KafkaSource(Source):
+    """Frames from Kafka in oddeye's wire format; an endless source (it ends on ``close()``).
+
+    - ``start``: ``committed`` resumes from the group's committed offsets (earliest where
+      there are none); ``earliest`` / ``latest`` reposition each partition the first time
+      this source is assigned it (use ``committed`` when several replicas share a group,
+      or a later rebalance would reposition a partition again).
+    - A broker that cannot be reached (at start or later) is retried with exponential
+      backoff and jitter; ``up`` and ``reconnects`` follow, with one log line per change.
+    - Topics that do not exist yet are waited for (logged once); topic names that cannot
+      exist are a ``SourceError`` at construction.
+    - Rebalances: revoked partitions have their finished offsets committed and their
+      tracking forgotten; their frames still in flight are re-delivered to the new owner.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | list[str] = "localhost:9092",
+        topics: Sequence[str] = ("frames",),
+        pattern: str | None = None,
+        group_id: str = "oddeye",
+        start: str = "committed",
+        camera_id: str | None = None,
+        max_poll_records: int = 100,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
+        max_message_bytes: int = 20_000_000,
+        dlq_topic: str | None = "frames.dlq",
+        security: dict[str, Any] | None = None,
+        consumer: dict[str, Any] | None = None,
+        reconnect_initial_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        super().__init__()
+        from kafka import KafkaConsumer
+
+        if start not in ("committed", "earliest", "latest"):
+            raise SourceError(f"start {start!r}; allowed: committed, earliest, latest")
+        self.topics = [] if pattern else list(topics)
+        self.pattern = pattern
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SourceError(f"pattern {pattern!r} is not a valid regular expression: {e}") from None
+        elif not self.topics:
+            raise SourceError("a Kafka source needs topics or a pattern")
+        for name in [*self.topics, *([dlq_topic] if dlq_topic else [])]:
+            if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+                raise SourceError(f"{name!r} cannot be a Kafka topic name (letters, digits, '.', '_', '-'; ≤ 249)")
+        self.bootstrap_servers = bootstrap_servers
+        self.group_id = group_id
+        self.start = start
+        self.camera_id = camera_id or "kafka:" + (pattern or ",".join(self.topics))
+        self.max_poll_records = int(max_poll_records)
+        self.max_message_bytes = int(max_message_bytes)
+        self.dlq_topic = dlq_topic
+        self.security = dict(security or {})
+        self.reconnect_initial_s = float(reconnect_initial_s)
+        self.reconnect_max_s = float(reconnect_max_s)
+        extra = dict(consumer or {})
+        if extra.get("enable_auto_commit"):
+            raise SourceError("consumer.enable_auto_commit cannot be on: oddeye commits offsets after scoring")
+        self._options: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers,
+            "group_id": group_id,
+            "client_id": f"oddeye-{group_id}",
+            "auto_offset_reset": "latest" if start == "latest" else "earliest",
+            "max_poll_records": self.max_poll_records,
+            "session_timeout_ms": int(session_timeout_ms),
+            "heartbeat_interval_ms": int(heartbeat_interval_ms),
+            "bootstrap_timeout_ms": _BOOTSTRAP_TIMEOUT_MS,
+            **self.security,
+            **extra,
+            "enable_auto_commit": False,
+        }
+        unknown = sorted(set(self._options) - set(KafkaConsumer.DEFAULT_CONFIG))
+        if unknown:
+            raise SourceError(f"unknown kafka-python consumer option(s): {', '.join(unknown)}")
+
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._lock = threading.RLock()  # the consumer: iterating thread, or close() once it has stopped
+        self._track_lock = threading.Lock()  # offset tracking: shared with ack() and the rebalance listener
+        self._parts: dict[tuple[str, int], _Partition] = {}
+        self._seen: set[tuple[str, int]] = set()
+        self._closing = threading.Event()
+        self._closed = False
+        self._lag: dict[str, int] = {}
+        self._last_commit = 0.0
+        self._last_health = 0.0
+        self._warned_unassigned = False
+        self._unassigned_since = time.monotonic()
+        self._ever_up = False
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Frame]:
+        buffer: deque[Any] = deque()
+        backoff = self.reconnect_initial_s
+        try:
+            while not self._closing.is_set():
+                if self._consumer is None:
+                    if self._connect():
+                        backoff = self.reconnect_initial_s
+                    else:
+                        self._closing.wait(backoff * random.uniform(0.8, 1.2))
+                        backoff = min(backoff * 2, self.reconnect_max_s)
+                    continue
+                failed = False
+                with self._lock:
+                    if self._closing.is_set() or self._consumer is None:
+                        break
+                    try:
+                        self._safe_commit(force=False)
+                        self._check_health()
+                        buffer.extend(self._poll())
+                    except Exception as e:  # never crash the ingest actor on a broker error
+                        self._set_up(False, f"{type(e).__name__}: {e}")
+                        failed = True
+                if failed:  # back off outside the lock, so close() is not held up
+                    self._closing.wait(backoff * random.uniform(0.8, 1.2))
+                    backoff = min(backoff * 2, self.reconnect_max_s)
+                    continue
+                backoff = self.reconnect_initial_s
+                while buffer and not self._closing.is_set():
+                    record = buffer.popleft()
+                    frame = frame_from_record(record, self.max_message_bytes)
+                    key = (record.topic, record.partition)
+                    with self._track_lock:
+                        part = self._parts.get(key)
+                        if part is None:
+                            part = self._parts[key] = _Partition()
+                        part.order.append(record.offset)
+                        part.pending.add(record.offset)
+                        part.next_offset = record.offset + 1
+                    yield frame
+                    if time.monotonic() - self._last_commit >= _COMMIT_INTERVAL_S:
+                        with self._lock:
+                            if self._consumer is not None and not self._closing.is_set():
+                                self._safe_commit()
+        finally:
+            self._shutdown()
+
+    def _connect(self) -> bool:
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        try:
+            consumer = KafkaConsumer(**self._options)
+        except (KafkaError, OSError) as e:
+            self._set_up(False, f"cannot reach broker(s) {self.bootstrap_servers}: {type(e).__name__}: {e}")
+            return False
+        listener = _make_listener(self)
+        if self.pattern:
+            consumer.subscribe(pattern=self.pattern, listener=listener)
+        else:
+            consumer.subscribe(topics=self.topics, listener=listener)
+        with self._lock:
+            if self._closing.is_set():
+                consumer.close(autocommit=False)
+                return False
+            self._consumer = consumer
+        self._unassigned_since = time.monotonic()
+        self._set_up(True, None)
+        return True
+
+    def _poll(self) -> list[Any]:
+        records = self._consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
+        out = [r for batch in records.values() for r in batch]
+        if out:
+            self._set_up(True, None)
+        return out
+
+    def _set_up(self, up: bool, reason: str | None) -> None:
+        """Record broker reachability; one log line per change of state."""
+        if up and self.up is not True:
+            if self.up is False and self._ever_up:
+                self.reconnects += 1
+            log.info("kafka source %s: connected to %s", self.camera_id, self.bootstrap_servers)
+            self._ever_up = True
+        elif not up and self.up is not False:
+            log.warning("kafka source %s: broker unavailable (%s); retrying with backoff", self.camera_id, reason)
+        self.up = up
+
+    def _check_health(self) -> None:
+        """Every few seconds: end offsets of the assigned partitions → lag, and whether the broker answers."""
+        now = time.monotonic()
+        if now - self._last_health < _HEALTH_INTERVAL_S:
+            return
+        self._last_health = now
+        from kafka.errors import KafkaError
+
+        assigned = list(self._consumer.assignment())
+        if not assigned:
+            if not self._warned_unassigned and now - self._unassigned_since > max(
+                10.0, 2 * self._options["session_timeout_ms"] / 1000
+            ):
+                self._warned_unassigned = True
+                what = f"pattern {self.pattern!r}" if self.pattern else f"topic(s) {', '.join(self.topics)}"
+                log.warning(
+                    "kafka source %s: no partitions assigned for %s in group %s yet (topic missing, or every "
+                    "partition taken by other members); waiting",
+                    self.camera_id,
+                    what,
+                    self.group_id,
+                )
+            return
+        if self._warned_unassigned:
+            log.info("kafka source %s: partitions assigned: %d", self.camera_id, len(assigned))
+            self._warned_unassigned = False
+        try:
+            ends = self._consumer.end_offsets(assigned, timeout_ms=2000)
+        except KafkaError as e:
+            self._set_up(False, f"{type(e).__name__}: {e}")
+            return
+        self._set_up(True, None)
+        lag: dict[str, int] = {}
+        for tp, end in ends.items():
+            with self._track_lock:
+                part = self._parts.get((tp.topic, tp.partition))
+                pos = part.next_offset if part is not None else None
+            if pos is None:
+                try:
+                    pos = self._consumer.position(tp, timeout_ms=500)
+                except Exception:
+                    pos = None
+            try:  # the fetch high watermark too: some brokers (tansu) report the last batch's start as the end
+                high = self._consumer.highwater(tp)
+            except Exception:
+                high = None
+            end = max(x for x in (end, high, 0) if x is not None)
+            if pos is not None:
+                lag[f"{tp.topic}/{tp.partition}"] = max(0, int(end) - int(pos))
+        self._lag = lag
+
+    # ------------------------------------------------------------------ commits
+    def _commit_offsets(self, keys: Sequence[tuple[str, int]] | None = None) -> dict[Any, Any]:
+        """Offsets ready to commit (and not yet committed), as kafka-python wants them."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        out = {}
+        with self._track_lock:
+            for key, part in self._parts.items():
+                if keys is not None and key not in keys:
+                    continue
+                to = part.advance()
+                if to is not None and (part.committed is None or to > part.committed):
+                    out[TopicPartition(*key)] = OffsetAndMetadata(to, "", -1)
+        return out
+
+    def _commit(self, force: bool) -> None:
+        """Commit finished offsets (on the iterating thread, or in close once iteration stopped)."""
+        if not force and time.monotonic() - self._last_commit < _COMMIT_INTERVAL_S:
+            return
+        self._last_commit = time.monotonic()
+        offsets = self._commit_offsets()
+        if not offsets:
+            return
+        self._consumer.commit(offsets)
+        with self._track_lock:
+            for tp, om in offsets.items():
+                part = self._parts.get((tp.topic, tp.partition))
+                if part is not None:
+                    part.committed = om.offset
+        log.debug(
+            "kafka source %s: committed %s",
+            self.camera_id,
+            {f"{t.topic}/{t.partition}": o.offset for t, o in offsets.items()},
+        )
+
+    def _safe_commit(self, force: bool = True) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            self._commit(force=force)
+        except (KafkaError, OSError, RuntimeError) as e:  # a rebalance in progress, a broker away: retried later
+            log.warning("kafka source %s: offset commit failed (%s); will retry", self.camera_id, e)
+
+    def _on_revoked(self, revoked: Sequence[Any]) -> None:
+        """Runs on kafka-python's IO loop: must not block; commits asynchronously, then forgets."""
+        keys = [(tp.topic, tp.partition) for tp in revoked]
+        offsets = self._commit_offsets(keys)
+        with self._track_lock:
+            for key in keys:
+                self._parts.pop(key, None)
+        if offsets and self._consumer is not None:
+            try:
+                self._consumer.commit_async(offsets)
+            except Exception as e:
+                log.warning("kafka source %s: commit on revoke failed (%s)", self.camera_id, e)
+        if revoked:
+            log.info("kafka source %s: partitions revoked: %s", self.camera_id, _labels(revoked))
+
+    def _on_assigned(self, assigned: Sequence[Any]) -> None:
+        with self._track_lock:
+            for tp in assigned:
+                self._parts.pop((tp.topic, tp.partition), None)
+        fresh = [tp for tp in assigned if (tp.topic, tp.partition) not in self._seen]
+        self._seen.update((tp.topic, tp.partition) for tp in assigned)
+        if fresh and self.start != "committed" and self._consumer is not None:
+            seek = self._consumer.seek_to_beginning if self.start == "earliest" else self._consumer.seek_to_end
+            seek(*fresh)
+        if assigned:
+            log.info("kafka source %s: partitions assigned: %s", self.camera_id, _labels(assigned))
+
+    # ------------------------------------------------------------------ Source hooks
+    def ack(self, frame: Frame) -> None:
+        """Mark a delivered message done (any thread); acks of partitions no longer owned are ignored."""
+        o = frame.origin
+        try:
+            key, offset = (o["topic"], int(o["partition"])), int(o["offset"])
+        except (KeyError, TypeError, ValueError):
+            return
+        with self._track_lock:
+            part = self._parts.get(key)
+            if part is not None and offset in part.pending:
+                part.done.add(offset)
+
+    def dead_letter(self, frame: Frame, error: str) -> None:
+        """Publish the original message plus an ``error`` header to ``dlq_topic``, then mark it done.
+
+        If the dead-letter topic cannot be written, the offset stays uncommitted: the message
+        is re-delivered after a restart rather than lost.
+        """
+        if self.dlq_topic and frame.origin.get("topic") is not None:
+            try:
+                self._publish_dead_letter(frame, error)
+            except Exception as e:
+                log.error(
+                    "kafka source %s: cannot publish dead letter %s to %s (%s); its offset stays uncommitted",
+                    self.camera_id,
+                    _origin_label(frame.origin),
+                    self.dlq_topic,
+                    e,
+                )
+                return
+        self.ack(frame)
+
+    def _publish_dead_letter(self, frame: Frame, error: str) -> None:
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.bootstrap_servers,
+                client_id=f"oddeye-{self.group_id}-dlq",
+                acks="all",
+                max_request_size=min(self.max_message_bytes + (1 << 20), 100 << 20),
+                bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS,
+                **self.security,
+            )
+        headers = list(frame.meta.get("_kafka_headers") or [])
+        key = frame.meta.get("_kafka_key")
+        if "_kafka_headers" not in frame.meta:  # not from this source's records: rebuild the wire headers
+            key, _, headers = encode_frame(Frame(frame.camera_id, frame.seq, frame.timestamp, b"\xff\xd8\xff"))
+        o = frame.origin
+        headers += [
+            ("error", error.encode("utf-8", "replace")[:4096]),
+            ("source_topic", str(o.get("topic")).encode()),
+            ("source_partition", str(o.get("partition")).encode()),
+            ("source_offset", str(o.get("offset")).encode()),
+        ]
+        if "value_bytes" in frame.meta:
+            headers.append(("value_bytes", str(frame.meta["value_bytes"]).encode()))
+        value = bytes(frame.image) if isinstance(frame.image, (bytes, bytearray, memoryview)) else b""
+        self._producer.send(self.dlq_topic, value=value, key=key, headers=headers).get(timeout=_DLQ_TIMEOUT_S)
+
+    def lag(self) -> dict[str, int]:
+        """Cached per-partition lag (refreshed by the iterating thread every few seconds)."""
+        return dict(self._lag)
+
+    def interrupt(self) -> None:
+        """End iteration soon (any thread): the iterating thread commits, closes the consumer and returns."""
+        self._closing.set()
+
+    def close(self) -> None:
+        """Stop iterating, commit what is finished, leave the group. Safe from any thread, idempotent."""
+        self._closing.set()
+        if not self._lock.acquire(timeout=10.0):
+            log.warning("kafka source %s: still polling; the iterating thread will commit and close", self.camera_id)
+            return
+        try:
+            self._shutdown()
+        finally:
+            self._lock.release()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._consumer is not None:
+                self._safe_commit()
+                consumer, self._consumer = self._consumer, None
+                try:
+                    consumer.close(autocommit=False, timeout_ms=5000)
+                except Exception:
+                    log.debug("closing consumer", exc_info=True)
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                try:
+                    producer.close(timeout=5)
+                except Exception:
+                    log.debug("closing DLQ producer", exc_info=True)
+            self._closed = True
+            self.up = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "camera_id": self.camera_id,
+            "bootstrap_servers": self.bootstrap_servers,
+            "topics": self.topics,
+            "pattern": self.pattern,
+            "group_id": self.group_id,
+            "start": self.start,
+            "dlq_topic": self.dlq_topic,
+            "security": redact(self.security),
+        }
+
+
+def _labels(tps: Sequence[Any]) -> str:
+    return ", ".join(sorted(f"{tp.topic}/{tp.partition}" for tp in tps))
+
+
+def _origin_label(origin: dict[str, Any]) -> str:
+    return f"{origin.get('topic')}/{origin.get('partition')}@{origin.get('offset')}"
+
+
+def _make_listener(source: KafkaSource) -> Any:
+    from kafka import ConsumerRebalanceListener
+
+    class _Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            source._on_revoked(list(revoked))
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            source._on_assigned(list(assigned))
+
+        def on_partitions_lost(self, lost: Any) -> None:  # evicted: another member owns them now, commit nothing
+            with source._track_lock:
+                for tp in lost:
+                    source._parts.pop((tp.topic, tp.partition), None)
+            log.warning("kafka source %s: partitions lost: %s", source.camera_id, _labels(list(lost)))
+
+    return _Listener()
