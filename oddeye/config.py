@@ -518,8 +518,14 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"  {where}: required field is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {where}: {msg} (got {_short(e.get('input'))})")
+            if _SECRET_PATH.search(where):  # a URL with credentials or a security option: never echo it
+                lines.append(f"  {where}: {msg}")
+            else:
+                lines.append(f"  {where}: {msg} (got {_short(e.get('input'))})")
     return "\n".join(lines)
+
+
+_SECRET_PATH = re.compile(r"(url|security|password|secret|token|sasl)", re.IGNORECASE)
 
 
 def _short(v: Any) -> str:

@@ -81,3 +81,14 @@ def kafka_broker():
     broker = start_broker()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def rtsp_server():
+    """A GStreamer RTSP server on 127.0.0.1 (320×240, 15 fps H.264 at ``/cam``) for one test."""
+    from tests.servers.rtsp import require_rtsp_server, start_rtsp_server
+
+    require_rtsp_server()
+    server = start_rtsp_server()
+    yield server
+    server.stop()

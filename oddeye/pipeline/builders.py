@@ -52,6 +52,10 @@ def camera_label(cfg: SourceConfig, index: int) -> str:
         return cfg.camera_id  # type: ignore[union-attr]
     if isinstance(cfg, KafkaSourceConfig):
         return "kafka:" + (cfg.pattern or ",".join(cfg.topics))
+    if isinstance(cfg, RtspSourceConfig) and cfg.url:
+        from oddeye.sources.rtsp import default_camera_id
+
+        return default_camera_id(cfg.url)  # the same id the frames carry, never with credentials
     if isinstance(cfg, RtspSourceConfig):
         return f"rtsp-{index}"
     path = getattr(cfg, "path", None)

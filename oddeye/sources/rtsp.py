@@ -1,0 +1,487 @@
+"""Frames from live RTSP cameras, with bounded timeouts, reconnects and frame-rate limits.
+
+Each camera has a reader thread that opens the stream (OpenCV's FFmpeg backend or PyAV),
+decodes frames and hands them to the iterating thread through a small buffer that keeps
+the newest frames. A camera that fails to open, stops sending, or closes the stream is
+retried with a new capture after an exponential backoff with jitter; the source never ends
+by itself. Credentials in URLs are kept out of logs, errors, ``describe()`` and ``origin``.
+
+``seq`` counts the frames decoded from a camera (across reconnects), so frames passed over
+by ``every_nth`` / ``max_fps`` show as gaps; they are counted in ``skipped["rate_limit"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import cv2
+import numpy as np
+
+from oddeye.frames import Frame
+from oddeye.sources.base import Source, SourceError
+
+__all__ = ["RtspSource", "default_camera_id", "pyav_available", "redact_url"]
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("rtsp", "rtsps")
+BACKENDS = ("pyav", "opencv")  # "auto" takes the first one installed
+_SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|key|auth|sig|credential", re.IGNORECASE)
+_BUFFER_PER_CAMERA = 2  # frames between a camera's reader and the iterating thread
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (and secret-looking query values) replaced by ``***``.
+
+    ``rtsp://admin:pw@cam-1:554/live?token=x`` → ``rtsp://admin:***@cam-1:554/live?token=***``.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    if parts.username is not None or parts.password is not None:
+        user = quote(parts.username or "", safe="")
+        netloc = f"{user}:***@{netloc}" if parts.password is not None else f"{user}@{netloc}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if _SECRET_PARAMS.search(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def default_camera_id(url: str) -> str:
+    """A camera id from the URL's host, port and path (``cam-1:554/live``), never its credentials."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "camera"
+        port = parts.port
+    except ValueError:
+        return "camera"
+    name = host + (f":{port}" if port is not None else "")
+    path = parts.path.strip("/")
+    return f"{name}/{path}" if path else name
+
+
+def _scrub(text: str, urls: Sequence[str]) -> str:
+    """Remove URLs (and their passwords) from an error message before it is logged."""
+    for url in urls:
+        text = text.replace(url, redact_url(url))
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(password, "***")
+    return text
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+class _Capture(Protocol):
+    def grab(self) -> bool:
+        """Decode the next frame; False when the stream ended or timed out."""
+
+    def retrieve(self) -> np.ndarray:
+        """The last grabbed frame as H×W×3 uint8 RGB."""
+
+    def release(self) -> None: ...
+
+
+class _CaptureOptions:
+    """OpenCV reads RTSP options from ``OPENCV_FFMPEG_CAPTURE_OPTIONS`` when a capture opens.
+
+    Opens that need the same value run concurrently; one that needs another value waits
+    until those have read it, so threads with different transports never see each other's.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._value: str | None = None
+        self._active = 0
+
+    def acquire(self, value: str) -> None:
+        with self._cond:
+            while self._active and self._value != value:
+                self._cond.wait()
+            os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = value
+            self._value = value
+            self._active += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+
+_OPENCV_OPTIONS = _CaptureOptions()
+
+
+class _OpenCvCapture:
+    """OpenCV's FFmpeg backend (always installed); frames come as BGR and are converted."""
+
+    def __init__(self, url: str, transport: str, open_timeout_s: float, read_timeout_s: float) -> None:
+        params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            int(open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            int(read_timeout_s * 1000),
+        ]
+        _OPENCV_OPTIONS.acquire(f"rtsp_transport;{transport}")
+        try:
+            self._cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+        finally:
+            _OPENCV_OPTIONS.release()
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise ConnectionError("OpenCV/FFmpeg could not open the stream (refused, timed out, or not a stream)")
+
+    def grab(self) -> bool:
+        return bool(self._cap.grab())
+
+    def retrieve(self) -> np.ndarray:
+        ok, bgr = self._cap.retrieve()
+        if not ok or bgr is None:
+            raise ConnectionError("OpenCV could not convert the decoded frame")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def release(self) -> None:
+        self._cap.release()
+
+
+class _PyAvCapture:
+    """PyAV (FFmpeg's libraries directly); decodes straight to RGB, measured cheaper per frame."""
+
+    def __init__(self, url: str, transport: str, open_timeout_s: float, read_timeout_s: float) -> None:
+        import av
+
+        self._container = av.open(url, options={"rtsp_transport": transport}, timeout=(open_timeout_s, read_timeout_s))
+        try:
+            stream = self._container.streams.video[0]
+        except IndexError:
+            self._container.close()
+            raise ConnectionError("the stream has no video track") from None
+        stream.thread_type = "AUTO"
+        self._frames = self._container.decode(stream)
+        self._frame: Any = None
+
+    def grab(self) -> bool:
+        try:
+            self._frame = next(self._frames)
+        except StopIteration:
+            return False
+        return True
+
+    def retrieve(self) -> np.ndarray:
+        return self._frame.to_ndarray(format="rgb24")
+
+    def release(self) -> None:
+        self._container.close()
+
+
+_CAPTURES: dict[str, type] = {"opencv": _OpenCvCapture, "pyav": _PyAvCapture}
+
+
+def pyav_available() -> bool:
+    """Whether the PyAV backend can be used (``pip install 'oddeye[rtsp-pyav]'``)."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the source
+
+
+@dataclass
+class _Camera:
+    url: str
+    camera_id: str
+    redacted: str
+    connected: bool = False
+    last_frame_t: float = 0.0
+    decoded: int = 0
+    next_due: float = 0.0
+    shape: tuple[int, ...] | None = None
+    resized_logged: bool = False
+    stalled_logged: bool = False
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+class RtspSource(Source):
+    """Decoded RGB frames from one or more RTSP cameras, endlessly, until ``close()``.
+
+    ``up`` is True while every camera has delivered a frame within ``read_timeout_s``;
+    ``reconnects`` counts connection attempts after each camera's first. ``timestamp`` is
+    the wall clock when the frame was read; ``origin`` is ``{"source": "rtsp", "url": <redacted>}``.
+    A change of resolution mid-stream is logged once and passed on (the ingest stage resizes).
+    """
+
+    live = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        camera_id: str | None = None,
+        cameras: Sequence[Mapping[str, Any]] = (),
+        transport: str = "tcp",
+        backend: str = "auto",
+        open_timeout_s: float = 10.0,
+        read_timeout_s: float = 5.0,
+        reconnect_initial_s: float = 0.5,
+        reconnect_max_s: float = 10.0,
+        every_nth: int = 1,
+        max_fps: float | None = None,
+    ) -> None:
+        super().__init__()
+        if transport not in ("tcp", "udp"):
+            raise SourceError(f"transport {transport!r}; allowed: tcp, udp")
+        if backend not in ("auto", *BACKENDS):
+            raise SourceError(f"backend {backend!r}; allowed: auto, {', '.join(BACKENDS)}")
+        if backend == "auto":
+            backend = "pyav" if pyav_available() else "opencv"
+        elif backend == "pyav" and not pyav_available():
+            raise SourceError("backend 'pyav' needs PyAV: pip install 'oddeye[rtsp-pyav]' (or pip install av)")
+        if every_nth < 1 or (max_fps is not None and max_fps <= 0):
+            raise SourceError("every_nth must be >= 1 and max_fps > 0")
+        if min(open_timeout_s, read_timeout_s, reconnect_initial_s, reconnect_max_s) <= 0:
+            raise SourceError("timeouts and reconnect delays must be positive")
+        specs = ([{"url": url, "camera_id": camera_id}] if url else []) + [dict(c) for c in cameras]
+        if not specs:
+            raise SourceError("no camera: give url, or cameras as a list of {url, camera_id}")
+        self._cams: list[_Camera] = []
+        for i, spec in enumerate(specs):
+            cam_url = str(spec.get("url") or "")
+            has_scheme = "://" in cam_url
+            if not has_scheme or urlsplit(cam_url).scheme.lower() not in SCHEMES:
+                shown = redact_url(cam_url) if has_scheme else "the URL"  # without a scheme it cannot be parsed
+                raise SourceError(f"camera {i}: {shown} is not an RTSP URL (expected rtsp:// or rtsps://host/path)")
+            cam_id = spec.get("camera_id") or default_camera_id(cam_url)
+            self._cams.append(_Camera(cam_url, cam_id, redact_url(cam_url)))
+        ids = [c.camera_id for c in self._cams]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise SourceError(f"camera_id {', '.join(dup)} used by more than one camera; set camera_id for each")
+        self.camera_id = camera_id or self._cams[0].camera_id
+        self.transport = transport
+        self.backend = backend
+        self.open_timeout_s = float(open_timeout_s)
+        self.read_timeout_s = float(read_timeout_s)
+        self.reconnect_initial_s = float(reconnect_initial_s)
+        self.reconnect_max_s = float(reconnect_max_s)
+        self.every_nth = int(every_nth)
+        self.max_fps = float(max_fps) if max_fps else None
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._buffer: deque[Frame] = deque()
+        self._lock = threading.Lock()
+        self._started = False
+
+    # -- health (derived from the cameras; the base class's plain attribute is replaced)
+    @property
+    def up(self) -> bool:  # type: ignore[override]
+        if self._stop.is_set():
+            return False
+        now = time.monotonic()
+        return all(c.connected and now - c.last_frame_t <= self.read_timeout_s for c in self._cams)
+
+    @up.setter
+    def up(self, _value: bool | None) -> None:
+        """Ignored: ``Source.__init__`` sets a default, but here health is measured."""
+
+    def count_skip(self, reason: str, n: int = 1) -> None:
+        # Copy-on-write: other threads iterate ``skipped`` while the readers count.
+        with self._lock:
+            self.skipped = {**self.skipped, reason: self.skipped.get(reason, 0) + n}
+
+    def _count_reconnect(self) -> None:
+        with self._lock:
+            self.reconnects += 1
+
+    # -- iteration
+    def __iter__(self) -> Iterator[Frame]:
+        if self._started:
+            raise SourceError("an RtspSource can be iterated once")
+        self._started = True
+        for cam in self._cams:
+            # Daemon threads: one blocked in a read must not keep the process alive after close().
+            cam.thread = threading.Thread(
+                target=self._read_camera, args=(cam,), name=f"rtsp-{cam.camera_id}", daemon=True
+            )
+            cam.thread.start()
+        while not self._stop.is_set():
+            with self._cond:
+                if not self._buffer:
+                    self._cond.wait(0.2)
+                frame = self._buffer.popleft() if self._buffer else None
+                self._cond.notify_all()
+            if frame is not None:
+                yield frame
+            else:
+                self._watch_stalls()
+
+    def _watch_stalls(self) -> None:
+        """Log a camera that is connected but silent for longer than the read timeout (hung)."""
+        now = time.monotonic()
+        for cam in self._cams:
+            if cam.connected and now - cam.last_frame_t > self.read_timeout_s and not cam.stalled_logged:
+                cam.stalled_logged = True
+                log.info("%s: no frame for %.1f s; camera is down", cam.camera_id, now - cam.last_frame_t)
+
+    def _push(self, frame: Frame) -> None:
+        with self._cond:
+            if len(self._buffer) >= _BUFFER_PER_CAMERA * len(self._cams):
+                self._buffer.popleft()
+                self.count_skip("source_queue_full")
+            self._buffer.append(frame)
+            self._cond.notify_all()
+
+    # -- one camera's reader thread
+    def _read_camera(self, cam: _Camera) -> None:
+        backoff = self.reconnect_initial_s
+        attempts = 0
+        failures = 0
+        while not self._stop.is_set():
+            if attempts:
+                self._count_reconnect()
+            attempts += 1
+            try:
+                cap = _CAPTURES[self.backend](cam.url, self.transport, self.open_timeout_s, self.read_timeout_s)
+            except Exception as e:
+                failures += 1
+                reason = _scrub(f"{type(e).__name__}: {e}", [cam.url])
+                level = logging.WARNING if failures == 1 else logging.INFO
+                log.log(
+                    level, "%s: cannot connect to %s (attempt %d): %s", cam.camera_id, cam.redacted, failures, reason
+                )
+            else:
+                failures = 0
+                if self._stream(cam, cap):
+                    backoff = self.reconnect_initial_s  # it delivered: start the backoff afresh
+            if self._stop.is_set():
+                break
+            delay = backoff * random.uniform(0.5, 1.0)
+            log.info("%s: reconnecting in %.1f s", cam.camera_id, delay)
+            backoff = min(backoff * 2, self.reconnect_max_s)
+            self._stop.wait(delay)
+
+    def _stream(self, cam: _Camera, cap: _Capture) -> bool:
+        """Read one connection until it fails or the source closes; True if it delivered a frame."""
+        got_frame = False
+        try:
+            while not self._stop.is_set():
+                t_read = time.monotonic()
+                if not cap.grab():
+                    if not self._stop.is_set():
+                        log.warning("%s: stream from %s lost (ended or timed out)", cam.camera_id, cam.redacted)
+                    break
+                now, wall = time.monotonic(), time.time()
+                if now - t_read >= self.read_timeout_s:
+                    # FFmpeg gave up on this read and flushes its decoder: the frame is stale and the
+                    # connection is dead (OpenCV would go on like this for 3 timeouts, PyAV for 2).
+                    cam.decoded += 1
+                    self.count_skip("stale")
+                    if not self._stop.is_set():
+                        log.warning("%s: no data from %s for %.1f s", cam.camera_id, cam.redacted, now - t_read)
+                    break
+                if not got_frame:
+                    got_frame = True
+                    log.info("%s: connected to %s", cam.camera_id, cam.redacted)
+                cam.connected, cam.last_frame_t, cam.stalled_logged = True, now, False
+                seq = cam.decoded
+                cam.decoded += 1
+                if not self._due(cam, seq, now):
+                    self.count_skip("rate_limit")
+                    continue
+                image = cap.retrieve()
+                self._check_shape(cam, image)
+                self._push(
+                    Frame(
+                        camera_id=cam.camera_id,
+                        seq=seq,
+                        timestamp=wall,
+                        image=image,
+                        origin={"source": "rtsp", "url": cam.redacted},
+                    )
+                )
+        except Exception as e:
+            log.warning("%s: stream from %s failed: %s", cam.camera_id, cam.redacted, _scrub(str(e), [cam.url]))
+        finally:
+            cam.connected = False
+            try:
+                cap.release()
+            except Exception:
+                log.debug("%s: releasing the capture failed", cam.camera_id, exc_info=True)
+        return got_frame
+
+    def _due(self, cam: _Camera, seq: int, now: float) -> bool:
+        """Frame-rate limits: every Nth decoded frame, then at most ``max_fps`` (on a fixed schedule)."""
+        if seq % self.every_nth:
+            return False
+        if self.max_fps is None:
+            return True
+        if now < cam.next_due:
+            return False
+        interval = 1.0 / self.max_fps
+        # Schedule the next slot from the last one (no drift from jitter), but never build up credit.
+        cam.next_due = max(cam.next_due + interval, now + interval * 0.5)
+        return True
+
+    def _check_shape(self, cam: _Camera, image: np.ndarray) -> None:
+        if cam.shape is not None and image.shape != cam.shape:
+            level = logging.DEBUG if cam.resized_logged else logging.WARNING
+            log.log(level, "%s: resolution changed from %s to %s; continuing", cam.camera_id, cam.shape, image.shape)
+            cam.resized_logged = True
+        cam.shape = image.shape
+
+    def interrupt(self) -> None:
+        """End the iteration now, from another thread (the ingest stage calls it before ``close``)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the readers; a reader blocked in a read leaves once it times out and frees its capture."""
+        self._stop.set()
+        with self._cond:
+            dropped = len(self._buffer)
+            self._buffer.clear()
+            self._cond.notify_all()
+        if dropped:
+            self.count_skip("closed", dropped)
+        deadline = time.monotonic() + 1.0
+        for cam in self._cams:
+            if cam.thread is not None:
+                cam.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "camera_id": self.camera_id,
+            "cameras": [{"camera_id": c.camera_id, "url": c.redacted, "connected": c.connected} for c in self._cams],
+            "backend": self.backend,
+            "transport": self.transport,
+            "open_timeout_s": self.open_timeout_s,
+            "read_timeout_s": self.read_timeout_s,
+            "every_nth": self.every_nth,
+            "max_fps": self.max_fps,
+        }
