@@ -12,48 +12,9 @@ import torch
 
 from oddeye.models.base import CHECKPOINT_FORMAT, CheckpointError, FitError, create_model, list_models, load_model
 from oddeye.models.image.padim import Padim
+from tests.models.helpers import SIZE, PicklePayload, add_defect, auroc, normal_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
-
-SIZE = 64
-
-
-def normal_images(n: int, rng: np.random.Generator, size: int = SIZE) -> torch.Tensor:
-    """Striped texture with small random shifts and pixel noise, [n, 3, size, size] in [0, 1]."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    tint = np.array([1.0, 0.9, 0.8], np.float32)[:, None, None]
-    out = np.empty((n, 3, size, size), np.float32)
-    for i in range(n):
-        dx, dy = rng.uniform(-1.5, 1.5, size=2)
-        base = 0.5 + 0.2 * np.sin(2 * np.pi * (xx + dx) / 8) + 0.1 * np.sin(2 * np.pi * (yy + dy) / 16)
-        out[i] = base[None] * tint + rng.normal(0, 0.02, size=(3, size, size))
-    return torch.from_numpy(np.clip(out, 0, 1))
-
-
-def add_defect(image: torch.Tensor, kind: str, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Paste a bright blob or a dark scratch; returns the image and the defect's centre (y, x)."""
-    size = image.shape[-1]
-    image = image.clone()
-    cy, cx = (int(v) for v in rng.integers(16, size - 16, size=2))
-    yy, xx = np.mgrid[0:size, 0:size]
-    if kind == "blob":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= 5**2
-        value = 1.0
-    else:
-        angle, t = rng.uniform(0, np.pi), np.linspace(-10, 10, 80)
-        ys = np.clip(np.round(cy + t * np.sin(angle)).astype(int), 0, size - 2)
-        xs = np.clip(np.round(cx + t * np.cos(angle)).astype(int), 0, size - 1)
-        mask = np.zeros((size, size), bool)
-        mask[ys, xs] = mask[ys + 1, xs] = True
-        value = 0.0
-    image[:, torch.from_numpy(mask)] = value
-    return image, (cy, cx)
-
-
-def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
-    """Probability that an anomalous score beats a normal one (ties count half)."""
-    diff = anomalous[:, None] - normal[None, :]
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
 
 
 @pytest.fixture(scope="module")
@@ -153,19 +114,9 @@ def test_load_refuses_another_models_checkpoint(tmp_path: Path) -> None:
         Padim.load(path)
 
 
-class _Payload:
-    """Unpickling this would create ``marker``: a stand-in for arbitrary code in a checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str, str]]:
-        return (open, (str(self.marker), "w"))
-
-
 def test_load_refuses_pickled_code(tmp_path: Path) -> None:
     marker = tmp_path / "payload-ran"
-    ckpt = {"format": CHECKPOINT_FORMAT, "model": "padim", "config": {}, "state_dict": {}, "x": _Payload(marker)}
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": "padim", "config": {}, "state_dict": {}, "x": PicklePayload(marker)}
     zipped = tmp_path / "zipped.ckpt"
     torch.save(ckpt, zipped)
     legacy = tmp_path / "legacy.ckpt"

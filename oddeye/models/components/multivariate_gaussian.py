@@ -7,10 +7,10 @@ memory does not grow with the number of images.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
-from torch import nn
+
+from oddeye.models.components.buffers import DynamicBufferMixin
 
 __all__ = ["GaussianAccumulator", "MultiVariateGaussian", "mahalanobis"]
 
@@ -68,7 +68,7 @@ class GaussianAccumulator:
         return mean_shifted + self.shift, cov
 
 
-class MultiVariateGaussian(nn.Module):
+class MultiVariateGaussian(DynamicBufferMixin):
     """Per-position Gaussians: buffers ``mean`` [C, N] and ``inv_covariance`` [N, C, C].
 
     Both buffers start empty and take their shape from ``fit`` or from a loaded state_dict.
@@ -113,25 +113,6 @@ class MultiVariateGaussian(nn.Module):
         if not self.fitted:
             raise RuntimeError("MultiVariateGaussian is not fitted")
         return mahalanobis(embedding, self.mean, self.inv_covariance)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The buffers' shapes are only known after fitting: take them from the checkpoint.
-        for name in ("mean", "inv_covariance"):
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(value, dtype=torch.float32, device=getattr(self, name).device))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Image anomaly models; importing this package registers them."""
 
-from oddeye.models.image import padim
+from oddeye.models.image import cfa, dfkde, dfm, padim, patchcore
 
-__all__ = ["padim"]
+__all__ = ["cfa", "dfkde", "dfm", "padim", "patchcore"]

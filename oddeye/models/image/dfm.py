@@ -1,0 +1,110 @@
+"""DFM: PCA over pooled deep features of normal images (Ahuja et al., 2019).
+
+https://arxiv.org/abs/1909.11786 — parameter names follow anomalib's ``Dfm``. An image's
+pooled feature map is one vector; ``score_type="fre"`` scores it by its PCA
+reconstruction error (with a coarse error map), ``"nll"`` by its negative log-likelihood
+under a Gaussian in PCA space (image-level only).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch.nn.functional import avg_pool2d, interpolate
+from tqdm.auto import tqdm
+
+from oddeye.models.base import AnomalyModel, FitError, register
+from oddeye.models.components import PCA, TimmFeatureExtractor
+
+__all__ = ["Dfm"]
+
+log = logging.getLogger(__name__)
+
+SCORE_TYPES = ("fre", "nll")
+
+
+@register("dfm")
+class Dfm(AnomalyModel):
+    """DFM with a timm backbone layer, average pooling and PCA."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        layer: str = "layer3",
+        pre_trained: bool = True,
+        pooling_kernel_size: int = 4,
+        pca_level: float = 0.97,
+        score_type: str = "fre",
+        weights: str | None = None,
+        image_size: tuple[int, int] | list[int] = (256, 256),
+    ) -> None:
+        super().__init__(image_size=image_size)
+        if score_type not in SCORE_TYPES:
+            raise ValueError(f"score_type must be one of {list(SCORE_TYPES)}, got {score_type!r}")
+        if pooling_kernel_size < 1:
+            raise ValueError(f"pooling_kernel_size must be at least 1, got {pooling_kernel_size}")
+        self._remember_config(
+            backbone=backbone,
+            layer=layer,
+            pre_trained=pre_trained,
+            pooling_kernel_size=pooling_kernel_size,
+            pca_level=pca_level,
+            score_type=score_type,
+            weights=weights,
+            image_size=list(self.image_size),
+        )
+        self.backbone = backbone
+        self.layer = layer
+        self.pooling_kernel_size = int(pooling_kernel_size)
+        self.score_type = score_type
+        self.feature_extractor = TimmFeatureExtractor(backbone, [layer], pre_trained=pre_trained, weights=weights)
+        # An int is a number of components, a float the share of variance to keep (anomalib's n_comps).
+        self.pca_model = PCA(n_components=pca_level)
+
+    @property
+    def device(self) -> torch.device:
+        return self.feature_extractor.mean.device
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled feature maps [B, C, h, w] of the chosen layer."""
+        features = self.feature_extractor(images.to(self.device))[self.layer]
+        if self.pooling_kernel_size > 1:
+            features = avg_pool2d(features, self.pooling_kernel_size)
+        return features
+
+    @torch.no_grad()
+    def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
+        rows = [
+            self._features(images).flatten(1).cpu()
+            for images in tqdm(batches, desc="dfm: collecting features", unit="batch", disable=not progress)
+        ]
+        if not rows:
+            raise FitError("fit received no images: the training data is empty")
+        features = torch.cat(rows).to(self.device)
+        if features.shape[0] < 2:
+            raise FitError(f"dfm needs at least 2 training images, got {features.shape[0]}")
+        self.pca_model.fit(features)
+        log.info(
+            "dfm: PCA keeps %d of %d dimensions (%d images)",
+            self.pca_model.num_components,
+            features.shape[1],
+            features.shape[0],
+        )
+
+    @torch.no_grad()
+    def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw score [B]; for ``fre`` also the reconstruction-error map [B, H, W] (upsampled feature grid)."""
+        if not self.pca_model.fitted:
+            raise RuntimeError("dfm: PCA is not fitted; fit the model or load a checkpoint")
+        features = self._features(images)
+        flat = features.flatten(1)
+        projected = self.pca_model.transform(flat)
+        if self.score_type == "nll":
+            variance = self.pca_model.explained_variance.clamp_min(1e-12)
+            return (projected.pow(2) / variance).sum(dim=1) + variance.log().sum(), None
+        error = (flat - self.pca_model.inverse_transform(projected)).pow(2)
+        error_map = error.view(features.shape).sum(dim=1, keepdim=True)
+        amap = interpolate(error_map, size=images.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+        return error.sum(dim=1), amap

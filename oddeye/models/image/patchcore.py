@@ -1,0 +1,126 @@
+"""PatchCore: a coreset memory bank of locally aware patch features (Roth et al., 2022).
+
+https://arxiv.org/abs/2106.08265 — parameter names follow anomalib's ``Patchcore``.
+A patch's score is its distance to the nearest bank feature; the image score is the
+largest patch score, re-weighted by how isolated that patch's nearest bank feature is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.nn.functional import avg_pool2d, interpolate, softmax
+from tqdm.auto import tqdm
+
+from oddeye.models.base import AnomalyModel, FitError, register
+from oddeye.models.components import GaussianBlur2d, KCenterGreedy, MemoryBank, TimmFeatureExtractor
+
+__all__ = ["Patchcore"]
+
+log = logging.getLogger(__name__)
+
+# Seed of the coreset's random projection and first centre (reproducible fits).
+CORESET_SEED = 0
+
+
+@register("patchcore")
+class Patchcore(AnomalyModel):
+    """PatchCore with a timm backbone; ``raw_forward`` gives nearest-neighbour distance maps."""
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        coreset_sampling_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        weights: str | None = None,
+        image_size: tuple[int, int] | list[int] = (256, 256),
+    ) -> None:
+        super().__init__(image_size=image_size)
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        if not 0 < coreset_sampling_ratio <= 1:
+            raise ValueError(f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}")
+        if num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be at least 1, got {num_neighbors}")
+        self._remember_config(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            coreset_sampling_ratio=coreset_sampling_ratio,
+            num_neighbors=num_neighbors,
+            weights=weights,
+            image_size=list(self.image_size),
+        )
+        self.backbone = backbone
+        self.layers = layers
+        self.coreset_sampling_ratio = float(coreset_sampling_ratio)
+        self.num_neighbors = int(num_neighbors)
+        self.feature_extractor = TimmFeatureExtractor(backbone, layers, pre_trained=pre_trained, weights=weights)
+        self.memory_bank = MemoryBank()
+        self.blur = GaussianBlur2d(sigma=4.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.feature_extractor.mean.device
+
+    def _embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features [B, C, h, w]: 3×3-averaged maps of all layers at the first layer's size."""
+        maps = [avg_pool2d(f, 3, stride=1, padding=1) for f in self.feature_extractor(images.to(self.device)).values()]
+        size = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == size else interpolate(m, size=size, mode="bilinear") for m in maps]
+        return torch.cat(maps, dim=1)
+
+    @torch.no_grad()
+    def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
+        chunks = []
+        for images in tqdm(batches, desc="patchcore: collecting features", unit="batch", disable=not progress):
+            embedding = self._embedding(images)
+            chunks.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).cpu())
+        if not chunks:
+            raise FitError("fit received no images: the training data is empty")
+        sampler = KCenterGreedy(
+            chunks, self.coreset_sampling_ratio, seed=CORESET_SEED, device=self.device, progress=progress
+        )
+        log.info(
+            "patchcore: selecting %d of %d patch features (dimension %d)",
+            sampler.coreset_size,
+            sampler.n_samples,
+            sampler.n_features,
+        )
+        self.memory_bank.fit(sampler.sample_coreset())
+        log.info("patchcore: memory bank %.1f MB", self.memory_bank.nbytes / 1e6)
+
+    def _image_score(self, queries: torch.Tensor, patch_scores: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        """The paper's re-weighted image score from each image's most anomalous patch.
+
+        ``queries`` [B, N, C], ``patch_scores`` / ``locations`` [B, N] (distance and index of the nearest bank feature).
+        """
+        batch = torch.arange(patch_scores.shape[0], device=patch_scores.device)
+        worst = patch_scores.argmax(dim=1)
+        score = patch_scores[batch, worst]
+        k = min(self.num_neighbors, len(self.memory_bank))
+        if k == 1:
+            return score
+        test_feature = queries[batch, worst]  # [B, C]
+        nearest = self.memory_bank.features[locations[batch, worst]]  # [B, C]
+        _, support = self.memory_bank(nearest, k=k)  # that bank feature's own neighbourhood [B, k]
+        distances = (test_feature.unsqueeze(1) - self.memory_bank.features[support]).pow(2).sum(dim=2).sqrt()
+        weights = 1 - softmax(distances, dim=1)[:, 0]
+        return weights * score
+
+    @torch.no_grad()
+    def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw score [B] (re-weighted worst patch) and anomaly map [B, H, W] (patch distances, upsampled, blurred)."""
+        if not self.memory_bank.fitted:
+            raise RuntimeError("patchcore: the memory bank is empty; fit the model or load a checkpoint")
+        embedding = self._embedding(images)
+        b, c, h, w = embedding.shape
+        queries = embedding.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        distances, locations = self.memory_bank(queries.reshape(-1, c), k=1)
+        patch_scores = distances.view(b, h * w)
+        score = self._image_score(queries, patch_scores, locations.view(b, h * w))
+        amap = interpolate(patch_scores.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return score, self.blur(amap).squeeze(1)
