@@ -24,7 +24,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("ray", "urllib3", "timm", "huggingface_hub", "filelock"):
+    for noisy in ("ray", "urllib3", "timm", "huggingface_hub", "filelock", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="learn normality from the config's fit data")
     p.add_argument("config")
+    p.add_argument(
+        "--data",
+        help="fit on this folder's normal images instead (a dataset category such as MVTec's <category>/, "
+        "or a plain image folder); writes the category's checkpoint (model.checkpoint with -<category>)",
+    )
     _add_set(p)
 
     p = sub.add_parser("run", help="run the pipeline of a config")
@@ -92,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return int(module.run(args))
         cfg = load_config(args.config, args.set)
         if args.command == "fit":
-            return cmd_fit(cfg)
+            return cmd_fit(cfg, args.data)
         if args.command == "run":
             return cmd_run(cfg, args)
     except ConfigError as e:
@@ -116,10 +121,10 @@ def cmd_models() -> int:
     return 0
 
 
-def cmd_fit(cfg: OddeyeConfig) -> int:
+def cmd_fit(cfg: OddeyeConfig, data: str | None = None) -> int:
     from oddeye.pipeline.fit import fit_from_config
 
-    _, path = fit_from_config(cfg)
+    _, path = fit_from_config(cfg, data=data)
     print(f"fitted {cfg.model.name} → {path}")
     return 0
 

@@ -74,9 +74,50 @@ def collect_fit_images(cfg: OddeyeConfig, progress: bool = True) -> np.ndarray:
     return np.stack(images)
 
 
-def fit_from_config(cfg: OddeyeConfig, progress: bool = True) -> tuple[AnomalyModel, Path]:
-    """Fit ``cfg.model`` on the fit data and write it to ``cfg.model.checkpoint``."""
-    images = collect_fit_images(cfg, progress)
+def category_checkpoint(checkpoint: str | Path, category: str) -> Path:
+    """The checkpoint of one dataset category: ``{category}`` in the path is replaced, else ``-<category>`` is
+    added to the file name (``out/padim.pt`` → ``out/padim-bottle.pt``)."""
+    text = str(checkpoint)
+    if "{category}" in text:
+        return Path(text.replace("{category}", category))
+    path = Path(text)
+    return path.with_name(f"{path.stem}-{category}{path.suffix}")
+
+
+def collect_folder_images(
+    data: str | Path, size: tuple[int, int], max_frames: int | None = None
+) -> tuple[np.ndarray, str]:
+    """Normal images of a dataset category (its train split) or a plain image folder; and the category name.
+
+    With more than ``max_frames`` images an evenly spaced subset is used.
+    """
+    from oddeye.data.images import DatasetError, list_images, load_images, open_category
+
+    path = Path(data)
+    if not path.is_dir():
+        raise FileNotFoundError(f"fit data folder {path} does not exist")
+    name = path.name
+    if path.name == "good" and path.parent.name == "train":  # <category>/train/good given directly
+        name, paths = path.parent.parent.name, list_images(path)
+    elif list_images(path):
+        paths = list_images(path)  # a plain folder of normal images
+    else:
+        try:
+            paths = open_category(path).train
+        except DatasetError as e:
+            raise FitError(f"{e} (or give a plain folder of normal images)") from None
+    if max_frames is not None and len(paths) > max_frames:
+        log.info("fit: using %d of the %d images in %s (fit.max_frames)", max_frames, len(paths), path)
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_frames).round().astype(int)]
+    if len(paths) < 2:
+        raise FitError(f"fit needs at least 2 normal images, {path} gave {len(paths)}")
+    return load_images(paths, size), name
+
+
+def fit_images(
+    cfg: OddeyeConfig, images: np.ndarray, checkpoint: str | Path | None = None, progress: bool = True
+) -> tuple[AnomalyModel, Path]:
+    """Fit ``cfg.model`` on normal images [N, H, W, 3] uint8 and write it to ``checkpoint``."""
     n_val = max(1, round(len(images) * cfg.fit.val_fraction))
     # Every k-th frame goes to validation, so both splits span the whole recording.
     val_idx = np.linspace(0, len(images) - 1, n_val).round().astype(int)
@@ -87,6 +128,20 @@ def fit_from_config(cfg: OddeyeConfig, progress: bool = True) -> tuple[AnomalyMo
     log.info("fitting %s on %d frames (%d for normalisation) on %s", model.name, (~mask).sum(), mask.sum(), device)
     bs = cfg.fit.batch_size
     model.fit(TensorBatches(images[~mask], bs, device), TensorBatches(images[mask], bs, device), progress=progress)
-    path = model.save(cfg.model.checkpoint)
+    path = model.save(checkpoint if checkpoint is not None else cfg.model.checkpoint)
     log.info("wrote %s", path)
     return model, path
+
+
+def fit_from_config(
+    cfg: OddeyeConfig, progress: bool = True, data: str | Path | None = None
+) -> tuple[AnomalyModel, Path]:
+    """Fit ``cfg.model`` on the fit data and write it to ``cfg.model.checkpoint``.
+
+    With ``data`` (a dataset category or a folder of normal images) fit on its normal
+    images instead, and write to that category's checkpoint (``category_checkpoint``).
+    """
+    if data is None:
+        return fit_images(cfg, collect_fit_images(cfg, progress), progress=progress)
+    images, name = collect_folder_images(data, cfg.model.image_size, cfg.fit.max_frames)
+    return fit_images(cfg, images, category_checkpoint(cfg.model.checkpoint, name), progress)

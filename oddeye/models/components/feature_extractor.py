@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from urllib.parse import urlparse
 import timm
 import torch
 from torch import nn
+
+from oddeye.models.components import offline_weights
 
 __all__ = ["TimmFeatureExtractor", "WeightsUnavailableError", "read_state_dict"]
 
@@ -50,7 +53,13 @@ class TimmFeatureExtractor(nn.Module):
         pre_trained: bool = True,
         weights: str | None = None,
         requires_grad: bool = False,
+        weights_key_map: str | Sequence[Sequence[str]] | None = None,
     ) -> None:
+        """``weights``: a local state_dict file or directory, or ``offline:NAME`` (see ``offline_weights``).
+
+        ``weights_key_map`` renames the file's keys to timm's: ``"order"`` pairs them by position
+        (every shape must match), or a list of ``(regex, replacement)`` rules applied in turn.
+        """
         super().__init__()
         if isinstance(layers, str):
             layers = [layers]
@@ -69,10 +78,14 @@ class TimmFeatureExtractor(nn.Module):
         sorted_indices = tuple(out_indices[i] for i in order)
 
         if weights is not None:
+            path = Path(weights)
+            if str(weights).startswith(offline_weights.OFFLINE_PREFIX):
+                path, default_map = offline_weights.resolve(str(weights), backbone)
+                weights_key_map = weights_key_map if weights_key_map is not None else default_map
             self.feature_extractor = timm.create_model(
                 backbone, pretrained=False, features_only=True, out_indices=sorted_indices
             )
-            _load_local_weights(self.feature_extractor, backbone, Path(weights))
+            _load_local_weights(self.feature_extractor, backbone, path, weights_key_map)
         elif pre_trained:
             self.feature_extractor = _create_pretrained(backbone, sorted_indices)
         else:
@@ -233,7 +246,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def _load_local_weights(features: nn.Module, backbone: str, path: Path) -> None:
+def _load_local_weights(
+    features: nn.Module, backbone: str, path: Path, key_map: str | Sequence[Sequence[str]] | None = None
+) -> None:
     """Load a backbone state_dict from ``path`` into a features_only model, strictly.
 
     The file may hold the full classifier network (head and unused deeper stages are
@@ -241,7 +256,10 @@ def _load_local_weights(features: nn.Module, backbone: str, path: Path) -> None:
     """
     state = read_state_dict(path)
     with torch.device("meta"):
-        full_keys = set(timm.create_model(backbone, pretrained=False).state_dict())
+        full = timm.create_model(backbone, pretrained=False).state_dict()
+    full_keys = set(full)
+    if key_map is not None:
+        state = map_keys(state, key_map, full, str(path))
     target = features.state_dict()
 
     loaded: dict[str, torch.Tensor] = {}
@@ -265,6 +283,36 @@ def _load_local_weights(features: nn.Module, backbone: str, path: Path) -> None:
         )
     features.load_state_dict(loaded, strict=True)
     log.info("loaded %s backbone weights from %s", backbone, path)
+
+
+def map_keys(
+    state: dict[str, torch.Tensor],
+    key_map: str | Sequence[Sequence[str]],
+    target: dict[str, torch.Tensor],
+    where: str = "weights",
+) -> dict[str, torch.Tensor]:
+    """Rename a state_dict's keys to ``target``'s: ``"order"`` (by position, shapes checked) or regex rules."""
+    if key_map == "order":
+        if len(state) != len(target):
+            raise ValueError(
+                f"{where}: key_map 'order' needs as many tensors as the model ({len(state)} vs {len(target)})"
+            )
+        for (src, value), (dst, ref) in zip(state.items(), target.items(), strict=True):
+            if value.shape != ref.shape:
+                raise ValueError(
+                    f"{where}: key_map 'order' pairs {src} {tuple(value.shape)} with {dst} {tuple(ref.shape)}; "
+                    "the file's tensors are not in the model's order"
+                )
+        return dict(zip(target, state.values(), strict=True))
+    if isinstance(key_map, str):
+        raise ValueError(f"weights_key_map must be 'order' or a list of [regex, replacement] rules, got {key_map!r}")
+    rules = [(re.compile(rule[0]), rule[1]) for rule in key_map]
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            key = pattern.sub(repl, key)
+        out[key] = value
+    return out
 
 
 def _unflattened(key: str) -> str | None:

@@ -1,0 +1,62 @@
+"""Scoring helpers: video windows never mix clips, a video model plugs into the video eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from oddeye.data.synth_video import SynthVideoSpec, write_video_benchmark
+from oddeye.data.video import open_video_dataset
+from oddeye.evaluation.evaluate import evaluate_video, score_images, score_video_clip, video_windows
+from oddeye.evaluation.metrics import MetricError
+from oddeye.frames import Prediction
+
+
+class MotionModel(nn.Module):
+    """A stand-in video model: a window's score is the mean absolute change between its two frames."""
+
+    is_video = True
+    clip_length = 2
+
+    def forward(self, clips: torch.Tensor) -> Prediction:
+        assert clips.ndim == 5 and clips.shape[1] == 2
+        x = clips.float() / 255
+        return Prediction(score=(x[:, 1] - x[:, 0]).abs().mean(dim=(1, 2, 3)) * 10)
+
+
+def test_video_windows_stay_inside_clips() -> None:
+    clips = [np.full((3, 4, 4, 3), c, np.uint8) for c in (10, 20)]
+    batches = list(video_windows(clips, 2, batch_size=3))
+    windows = torch.cat(batches)
+    assert windows.shape == (4, 2, 3, 4, 4)  # 2 windows per 3-frame clip
+    assert all(len(torch.unique(w)) == 1 for w in windows)  # no window mixes the two clips
+
+
+def test_score_video_clip_pads_the_first_frames() -> None:
+    frames = np.zeros((5, 8, 8, 3), np.uint8)
+    frames[3:] = 255
+    s = score_video_clip(MotionModel(), frames, batch_size=2)
+    assert s.shape == (5,) and s[3] > s[2] == s[0] == s[1]
+    with pytest.raises(MetricError, match="shorter than the model's clip_length"):
+        score_video_clip(MotionModel(), frames[:1])
+
+
+def test_a_video_model_plugs_into_the_video_eval(tmp_path: Path) -> None:
+    spec = SynthVideoSpec(width=64, height=48, scenes=1, train_clips=1, test_clips=3, frames=30, walkers=1)
+    (root,) = write_video_benchmark(tmp_path, seed=0, spec=spec)
+    result = evaluate_video(MotionModel(), open_video_dataset(root), (48, 64), batch_size=8)
+    assert result.n_frames == 90 and 0.0 <= result.frame_auroc_micro <= 1.0
+    assert result.clips_used + result.clips_skipped == 3
+
+
+def test_nan_scores_are_an_error() -> None:
+    class NaNModel(nn.Module):
+        def forward(self, images: torch.Tensor) -> Prediction:
+            return Prediction(score=torch.full((images.shape[0],), float("nan")))
+
+    with pytest.raises(MetricError, match="NaN"):
+        score_images(NaNModel(), np.zeros((3, 8, 8, 3), np.uint8))
