@@ -132,6 +132,12 @@ def cmd_fit(cfg: OddeyeConfig, data: str | None = None) -> int:
 def cmd_run(cfg: OddeyeConfig, args: argparse.Namespace, extra_sinks: Sequence[Sink] = ()) -> int:
     from oddeye.pipeline.runner import Pipeline
 
+    if cfg.fit.auto and not Path(cfg.model.checkpoint).is_file():
+        from oddeye.pipeline.fit import fit_from_config
+
+        print(f"oddeye: no model at {cfg.model.checkpoint} yet (fit.auto): fitting {cfg.model.name} first")
+        fit_from_config(cfg)
+
     pipeline = Pipeline(
         cfg,
         out_dir=args.out,

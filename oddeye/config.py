@@ -199,6 +199,8 @@ SourceConfig = Annotated[
 class FitConfig(_Section):
     source: SourceConfig | None = None
     """Normal frames to learn from; defaults to the first source (with anomalies off for a synthetic one)."""
+    auto: bool = False
+    """``oddeye run`` fits first when ``model.checkpoint`` does not exist yet (demos, first start)."""
     max_frames: int = Field(200, ge=2)
     stride: int = Field(1, ge=1)
     """Keep every ``stride``-th frame of the fit source, so a fixed number of frames spans more of the scene."""

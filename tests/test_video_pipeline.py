@@ -77,3 +77,22 @@ def test_two_interleaved_cameras_clips_alerts_with_boxes(ray_local, tmp_path: Pa
         bx = max(a["boxes"], key=lambda b: b[4])
         assert bx[0] < x2 and bx[2] > x1 and bx[1] < y2 and bx[3] > y1, (bx, (x1, y1, x2, y2))
         assert Path(a["snapshot"]).is_file()
+
+
+def test_fit_from_config_builds_clips_of_consecutive_frames(tmp_path: Path) -> None:
+    from oddeye.models.base import load_model
+    from oddeye.pipeline.fit import collect_fit_images, fit_from_config
+
+    raw = {
+        "sources": [{"type": "synthetic", "width": W, "height": H, "seed": 3, "num_frames": 50}],
+        "fit": {"max_frames": 30, "stride": 7},
+        "model": {"name": "frame_diff", "checkpoint": str(tmp_path / "fd.pt"), "device": "cpu", "image_size": [H, W]},
+    }
+    cfg = parse_config(raw)
+    clips = collect_fit_images(cfg, progress=False, clip_length=2)
+    assert clips.shape == (30, 2, H, W, 3)
+    cam = SyntheticCamera(width=W, height=H, seed=3, anomaly_every=0)
+    # runs of two consecutive frames every 7: (0, 1), (7, 8), ...
+    assert np.array_equal(clips[1, 0], cam.render(7)[0]) and np.array_equal(clips[1, 1], cam.render(8)[0])
+    model, path = fit_from_config(cfg, progress=False)
+    assert load_model(path).is_video and model.clip_length == 2

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from oddeye.config import OddeyeConfig, SyntheticSourceConfig
 from oddeye.frames import DecodeError
-from oddeye.models.base import AnomalyModel, FitError, create_model
+from oddeye.models.base import AnomalyModel, FitError, create_model, get_model_class, model_params
 from oddeye.pipeline.builders import build_source
 from oddeye.pipeline.ingest import prepare_frame
 from oddeye.pipeline.scoring import resolve_device
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class TensorBatches:
-    """Re-iterable batches [B, 3, H, W] float in [0, 1] from a uint8 array [N, H, W, 3]."""
+    """Re-iterable batches [B, 3, H, W] (or clips [B, T, 3, H, W]) float in [0, 1] from uint8 [N, (T,) H, W, 3]."""
 
     def __init__(self, images: np.ndarray, batch_size: int, device: torch.device) -> None:
         self.images = images
@@ -33,45 +33,67 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(0, len(self.images), self.batch_size):
-            chunk = torch.from_numpy(self.images[i : i + self.batch_size]).permute(0, 3, 1, 2)
+            chunk = torch.from_numpy(self.images[i : i + self.batch_size]).movedim(-1, -3)
             yield chunk.to(self.device).float().div_(255.0)
 
 
-def collect_fit_images(cfg: OddeyeConfig, progress: bool = True) -> np.ndarray:
-    """Read up to ``fit.max_frames`` normal frames at the model's input size."""
+def collect_fit_images(cfg: OddeyeConfig, progress: bool = True, clip_length: int = 1) -> np.ndarray:
+    """Normal frames [N, H, W, 3] at the model's input size (clips [N, T, H, W, 3] when ``clip_length`` > 1).
+
+    ``fit.max_frames`` counts training samples: frames for image models, clips for video
+    models. With ``fit.stride`` k an image model keeps every k-th frame; a video model keeps
+    a run of ``clip_length`` consecutive frames every k frames, so its clips span the scene
+    and still hold real motion.
+    """
     scfg = cfg.fit.source or cfg.sources[0]
+    t, stride = clip_length, cfg.fit.stride
+    run = t if stride > t else stride  # consecutive frames kept from each stride
+    per_sample = stride * t / run if t > 1 else stride
     overrides = {}
     if isinstance(scfg, SyntheticSourceConfig):
         # Fit on the same scene with no injected anomalies, and never paced in real time.
         overrides = {"anomaly_every": 0, "realtime": False}
         if cfg.fit.source is None:
-            overrides["num_frames"] = cfg.fit.max_frames * cfg.fit.stride
+            overrides["num_frames"] = int(cfg.fit.max_frames * per_sample) + t
     source = build_source(scfg, **overrides)
     size = cfg.model.image_size
-    images: list[np.ndarray] = []
+    samples: list[np.ndarray] = []
+    window: list[tuple[int, np.ndarray]] = []  # the current run of consecutive frames (video)
     bad = 0
     try:
-        bar = tqdm(total=cfg.fit.max_frames, desc="reading fit frames", unit="frame", disable=not progress)
+        bar = tqdm(
+            total=cfg.fit.max_frames, desc="reading fit frames", unit="clip" if t > 1 else "frame", disable=not progress
+        )
         for i, frame in enumerate(source):
-            if i % cfg.fit.stride or frame.meta.get("anomaly"):
-                continue  # ground truth says anomalous: not for learning normality
+            if i % stride >= run or frame.meta.get("anomaly"):
+                continue  # not sampled, or ground truth says anomalous: not for learning normality
             try:
-                images.append(prepare_frame(frame, size).image)  # type: ignore[arg-type]
+                image = prepare_frame(frame, size).image
             except (DecodeError, ValueError) as e:
                 bad += 1
                 log.warning("fit: skipping frame %s/%s: %s", frame.camera_id, frame.seq, e)
                 continue
+            if t == 1:
+                samples.append(image)  # type: ignore[arg-type]
+            else:
+                if window and frame.seq != window[-1][0] + 1:
+                    window = []  # a gap: clips never span it
+                window = [*window[-(t - 1) :], (frame.seq, image)]  # type: ignore[list-item]
+                if len(window) < t:
+                    continue
+                samples.append(np.stack([im for _, im in window]))
             bar.update(1)
-            if len(images) >= cfg.fit.max_frames:
+            if len(samples) >= cfg.fit.max_frames:
                 break
         bar.close()
     finally:
         source.close()
     if bad:
         log.warning("fit: %d frame(s) could not be decoded and were skipped", bad)
-    if len(images) < 2:
-        raise FitError(f"fit needs at least 2 normal frames, the fit source gave {len(images)}")
-    return np.stack(images)
+    if len(samples) < 2:
+        what = f"clips of {t} consecutive frames" if t > 1 else "frames"
+        raise FitError(f"fit needs at least 2 normal {what}, the fit source gave {len(samples)}")
+    return np.stack(samples)
 
 
 def category_checkpoint(checkpoint: str | Path, category: str) -> Path:
@@ -142,6 +164,10 @@ def fit_from_config(
     images instead, and write to that category's checkpoint (``category_checkpoint``).
     """
     if data is None:
-        return fit_images(cfg, collect_fit_images(cfg, progress), progress=progress)
+        cls = get_model_class(cfg.model.name)
+        clip_length = 1
+        if cls.is_video:
+            clip_length = int(cfg.model.params.get("clip_length", model_params(cfg.model.name).get("clip_length", 2)))
+        return fit_images(cfg, collect_fit_images(cfg, progress, clip_length), progress=progress)
     images, name = collect_folder_images(data, cfg.model.image_size, cfg.fit.max_frames)
     return fit_images(cfg, images, category_checkpoint(cfg.model.checkpoint, name), progress)
