@@ -88,7 +88,7 @@ class GaussianMixture(DynamicBufferMixin):
         """log(weight_k · N(x | mean_k, cov_k)) for each sample and component: [N, K]."""
         chol = torch.linalg.cholesky(self.covariances)  # [K, D, D]
         d = x.shape[1]
-        diff = (x.unsqueeze(0) - self.means.unsqueeze(1)).transpose(1, 2)  # [K, D, N]
+        diff = (x.unsqueeze(0) - self.means.unsqueeze(1)).transpose(1, 2).contiguous()  # [K, D, N]
         z = torch.linalg.solve_triangular(chol, diff, upper=False)  # [K, D, N]
         log_det = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(dim=1)  # [K]
         log_gauss = -0.5 * (d * math.log(2 * math.pi) + z.pow(2).sum(dim=1)) - log_det.unsqueeze(1)
