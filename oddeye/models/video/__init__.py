@@ -1,5 +1,5 @@
 """Video anomaly models; importing this package registers them."""
 
-from oddeye.models.video import frame_diff
+from oddeye.models.video import ai_vad, frame_diff
 
-__all__ = ["frame_diff"]
+__all__ = ["ai_vad", "frame_diff"]
