@@ -28,6 +28,7 @@ from tests.conftest import tiny_config
 pytestmark = pytest.mark.slow
 
 QUEUE_SIZE, MAX_POLL, BATCH = 16, 20, 8
+PUBLISH_FPS = 40
 
 
 def _config(tmp: Path, checkpoint: Path, bootstrap: str, topic: str, group: str, **source: object) -> Path:
@@ -125,8 +126,8 @@ def test_publish_crash_restart_no_loss_and_dead_letters(kafka_broker, fitted_che
     n = 300
     publisher = subprocess.Popen(
         [sys.executable, "-m", "oddeye.cli", "publish", "synthetic", "--topic", topic, "--bootstrap-servers",
-         kafka_broker.bootstrap, "--count", str(n), "--rate", "40", "--camera-id", "cam-a", "--width", "160",
-         "--height", "120", "--no-progress"],
+         kafka_broker.bootstrap, "--count", str(n), "--rate", str(PUBLISH_FPS), "--camera-id", "cam-a",
+         "--width", "160", "--height", "120", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     cfg = _config(tmp_path, fitted_checkpoint, kafka_broker.bootstrap, topic, group)
@@ -154,7 +155,11 @@ def test_publish_crash_restart_no_loss_and_dead_letters(kafka_broker, fitted_che
     keys = Counter((r["camera_id"], r["seq"]) for r in records)
     assert set(keys) == {("cam-a", i) for i in range(n)}, "frames lost"
     duplicates = sum(keys.values()) - n
-    assert duplicates <= QUEUE_SIZE + MAX_POLL + 2 * BATCH, f"{duplicates} duplicates: more than the uncommitted tail"
+    # The uncommitted tail: frames queued or in flight, plus those scored since the last commit
+    # (acks go out every 0.2 s, the source commits at most every 0.5 s; allow 2 s of a 40 fps
+    # stream on a loaded 2-core machine). Which frames repeat is checked exactly below.
+    tail = QUEUE_SIZE + MAX_POLL + 2 * BATCH + 2 * PUBLISH_FPS
+    assert duplicates <= tail, f"{duplicates} duplicates: more than the uncommitted tail"
     # run 2 re-delivered only frames above run 1's last commit: every duplicate is one of run 1's last frames
     first_dup = min((seq for (_, seq), c in keys.items() if c > 1), default=None)
     if first_dup is not None:
