@@ -7,7 +7,9 @@ sources, models, sinks and the Ray pipeline agree on names without importing eac
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Literal
 
 import cv2
@@ -24,6 +26,7 @@ __all__ = [
     "decode_image",
     "encode_jpeg",
     "resize_image",
+    "to_json",
 ]
 
 
@@ -141,6 +144,29 @@ class Alert:
         out = dataclasses.asdict(self)
         out["peak_score"] = round(float(self.peak_score), 6)
         return out
+
+
+# --------------------------------------------------------------------------- wire JSON
+
+
+def _json_default(value: Any) -> Any:
+    """Make numpy values, bytes and paths (which may turn up in ``origin``) serialisable."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    return repr(value)
+
+
+def to_json(record: dict[str, Any]) -> str:
+    """One record of the wire formats as compact JSON (the JSONL lines and the Kafka values)."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=_json_default)
 
 
 # --------------------------------------------------------------------------- codecs

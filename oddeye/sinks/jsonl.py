@@ -6,7 +6,6 @@ as it is written and a crash loses at most a partial last line; a rerun appends.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from oddeye.frames import Alert, Frame, ScoredFrame
+from oddeye.frames import Alert, Frame, ScoredFrame, to_json
 from oddeye.sinks.base import Sink
 
 __all__ = ["JsonlSink"]
@@ -24,23 +23,8 @@ ALERTS_FILE = "alerts.jsonl"
 DEAD_LETTERS_FILE = "dead_letters.jsonl"
 
 
-def _json_default(value: Any) -> Any:
-    """Make numpy values and bytes (which may turn up in ``origin``) serialisable."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    return repr(value)
-
-
 def _dumps(record: dict[str, Any]) -> str:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return to_json(record)
 
 
 def _payload_bytes(image: Any) -> int:

@@ -18,18 +18,14 @@ passwords, key files) go to the producer and are never logged.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from oddeye.frames import Alert, ScoredFrame
+from oddeye.frames import Alert, ScoredFrame, to_json
 from oddeye.sinks.base import Sink
 
 __all__ = ["SCHEMA_VERSION", "KafkaSink", "KafkaSinkError", "encode_value"]
@@ -46,24 +42,10 @@ class KafkaSinkError(RuntimeError):
     """Results were not (yet) delivered to Kafka; their source offsets must not be committed."""
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    return repr(value)
-
-
 def encode_value(record: dict[str, Any]) -> bytes:
     """A record as the JSON bytes of a message value, with ``schema_version`` first."""
     body = {"schema_version": SCHEMA_VERSION, **record}
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode()
+    return to_json(body).encode()
 
 
 class KafkaSink(Sink):
