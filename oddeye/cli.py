@@ -113,11 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_models() -> int:
-    from oddeye.models.base import get_model_class, list_models
+    from oddeye.models.registry import describe, list_models
 
     for name in list_models():
-        doc = (get_model_class(name).__doc__ or "").strip().splitlines()
-        print(f"{name}\t{doc[0] if doc else ''}")
+        kind, line = describe(name)
+        print(f"{name}\t{kind}\t{line}")
     return 0
 
 

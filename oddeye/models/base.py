@@ -8,6 +8,8 @@ weights and normalisation together in a checkpoint that loads with
 
 from __future__ import annotations
 
+import enum
+import functools
 import inspect
 import io
 import logging
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from oddeye.frames import Prediction
+from oddeye.models.registry import create_model, get_model_class, list_models, model_params, register
 
 __all__ = [
     "AnomalyModel",
@@ -49,62 +52,6 @@ class FitError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or belongs to another model."""
-
-
-_REGISTRY: dict[str, type[AnomalyModel]] = {}
-
-
-def register(name: str) -> Callable[[type[AnomalyModel]], type[AnomalyModel]]:
-    """Class decorator: make a model available by name (``@register("padim")``)."""
-
-    def deco(cls: type[AnomalyModel]) -> type[AnomalyModel]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"model name {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtin_models() -> None:
-    # Importing the packages runs their @register decorators.
-    import oddeye.models.image
-    import oddeye.models.video  # noqa: F401
-
-
-def list_models() -> list[str]:
-    """Registered model names, sorted."""
-    _load_builtin_models()
-    return sorted(_REGISTRY)
-
-
-def get_model_class(name: str) -> type[AnomalyModel]:
-    _load_builtin_models()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}") from None
-
-
-def model_params(name: str) -> dict[str, Any]:
-    """Constructor parameters of a model and their defaults (``inspect.Parameter.empty`` if required)."""
-    sig = inspect.signature(get_model_class(name).__init__)
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-
-
-def create_model(name: str, **params: Any) -> AnomalyModel:
-    """Build a model by registered name with anomalib's parameter names."""
-    cls = get_model_class(name)
-    allowed = model_params(name)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise TypeError(f"model {name!r} has no parameter(s) {unknown}; allowed: {sorted(allowed)}")
-    return cls(**params)
 
 
 def load_model(
@@ -217,17 +164,50 @@ class AnomalyModel(nn.Module):
         self.fitted = False
         self._config: dict[str, Any] = {}
 
-    # -- configuration kept in checkpoints
-    def _remember_config(self, **params: Any) -> None:
-        """Record the constructor arguments (JSON-like values) for ``save``."""
-        self._config = {k: _plain(v) for k, v in params.items()}
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap each subclass ``__init__`` so the outermost call records its arguments for ``save``.
 
+        The constructor arguments (defaults filled in) are the model's config: a checkpoint
+        rebuilds the model with them. No model has to list them again.
+        """
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        sig = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: AnomalyModel, *args: Any, **kw: Any) -> None:
+            outermost = not getattr(self, "_recording_config", False)
+            if outermost:
+                object.__setattr__(self, "_recording_config", True)
+            try:
+                init(self, *args, **kw)
+            finally:
+                if outermost:
+                    object.__setattr__(self, "_recording_config", False)
+            if outermost:
+                bound = sig.bind(self, *args, **kw)
+                bound.apply_defaults()
+                params = {
+                    k: v
+                    for k, v in list(bound.arguments.items())[1:]
+                    if sig.parameters[k].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                }
+                if "image_size" in params:
+                    params["image_size"] = list(self.image_size)
+                self._config = {k: _plain(v) for k, v in params.items()}
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
+    # -- configuration kept in checkpoints
     @property
     def config(self) -> dict[str, Any]:
         return dict(self._config)
 
     # -- to implement
-    def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
+    def _fit_normal(self, batches: Iterable[torch.Tensor], progress: bool) -> None:
+        """Learn normality from ``batches`` (re-iterable when the caller's loader is)."""
         raise NotImplementedError
 
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -251,7 +231,7 @@ class AnomalyModel(nn.Module):
         """
         self.eval()
         seen = _CheckedBatches(train_loader, self._check_input)
-        self._fit_normal(iter(seen), progress)
+        self._fit_normal(seen, progress)
         if seen.count == 0:
             raise FitError("fit received no images: the training data is empty")
         val = val_loader if val_loader is not None else train_loader
@@ -360,6 +340,8 @@ def _check_images(images: torch.Tensor, image_size: tuple[int, int]) -> torch.Te
 
 
 def _plain(v: Any) -> Any:
+    if isinstance(v, enum.Enum):
+        return _plain(v.value)
     if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
     if isinstance(v, dict):

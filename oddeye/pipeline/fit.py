@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from oddeye.config import OddeyeConfig, SyntheticSourceConfig
 from oddeye.frames import DecodeError
@@ -16,6 +15,7 @@ from oddeye.models.base import AnomalyModel, FitError, create_model, get_model_c
 from oddeye.pipeline.builders import build_source
 from oddeye.pipeline.ingest import prepare_frame
 from oddeye.pipeline.scoring import resolve_device
+from oddeye.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def collect_fit_images(cfg: OddeyeConfig, progress: bool = True, clip_length: in
     window: list[tuple[int, np.ndarray]] = []  # the current run of consecutive frames (video)
     bad = 0
     try:
-        bar = tqdm(
+        bar = progress_bar(
             total=cfg.fit.max_frames, desc="reading fit frames", unit="clip" if t > 1 else "frame", disable=not progress
         )
         for i, frame in enumerate(source):

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from oddeye.models.components.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+from oddeye.progress import progress_bar
 
 __all__ = ["KCenterGreedy"]
 
@@ -103,7 +103,7 @@ class KCenterGreedy:
             idx = min_distances.argmax()
         else:
             idx = torch.randint(self.n_samples, (), generator=generator).to(self.device)
-        for i in tqdm(range(self.coreset_size), desc="coreset", unit="pt", disable=not self.progress, mininterval=1):
+        for i in progress_bar(range(self.coreset_size), desc="coreset", unit="pt", disable=not self.progress):
             selected[i] = idx
             update(idx)
             min_distances.index_fill_(0, idx.view(1), 0.0)

@@ -15,10 +15,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn.functional import avg_pool2d, interpolate, relu, softmin
-from tqdm.auto import tqdm
 
 from oddeye.models.base import AnomalyModel, FitError, register
 from oddeye.models.components import GaussianBlur2d, KMeans, MemoryBank, TimmFeatureExtractor, squared_distances
+from oddeye.progress import progress_bar
 
 __all__ = ["Cfa", "CoordConv1x1"]
 
@@ -79,19 +79,6 @@ class Cfa(AnomalyModel):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if num_hard_negative_features < 0 or epochs < 0:
             raise ValueError("num_hard_negative_features and epochs must not be negative")
-        self._remember_config(
-            backbone=backbone,
-            gamma_c=gamma_c,
-            gamma_d=gamma_d,
-            num_nearest_neighbors=num_nearest_neighbors,
-            num_hard_negative_features=num_hard_negative_features,
-            radius=radius,
-            epochs=epochs,
-            layers=layers,
-            pre_trained=pre_trained,
-            weights=weights,
-            image_size=list(self.image_size),
-        )
         self.backbone = backbone
         self.layers = layers
         self.gamma_c = int(gamma_c)
@@ -129,7 +116,7 @@ class Cfa(AnomalyModel):
     def _init_memory_bank(self, batches: Iterator[torch.Tensor], progress: bool) -> list[torch.Tensor]:
         """Mean adapted feature map of the training images → centres; returns the images kept for training."""
         kept, total, count = [], None, 0
-        for images in tqdm(batches, desc="cfa: memory bank", unit="batch", disable=not progress):
+        for images in progress_bar(batches, desc="cfa: memory bank", unit="batch", disable=not progress):
             kept.append(images.to("cpu", torch.float16))  # re-read every epoch; half precision halves the copy
             target = self._target_features(images)
             total = target.sum(dim=0) if total is None else total + target.sum(dim=0)
@@ -174,7 +161,7 @@ class Cfa(AnomalyModel):
         generator = torch.Generator().manual_seed(SEED)
         self.loss_history = []
         self.descriptor.train()
-        bar = tqdm(range(self.epochs), desc="cfa: training adaptor", unit="epoch", disable=not progress)
+        bar = progress_bar(range(self.epochs), desc="cfa: training adaptor", unit="epoch", disable=not progress)
         try:
             for _ in bar:
                 total, steps = 0.0, 0

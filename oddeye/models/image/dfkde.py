@@ -11,10 +11,10 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from oddeye.models.base import AnomalyModel, FitError, register
 from oddeye.models.components import FeatureScalingMethod, KDEClassifier, TimmFeatureExtractor
+from oddeye.progress import progress_bar
 
 __all__ = ["Dfkde"]
 
@@ -43,16 +43,6 @@ class Dfkde(AnomalyModel):
             feature_scaling_method=feature_scaling_method,
             max_training_points=max_training_points,
         )
-        self._remember_config(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            n_pca_components=n_pca_components,
-            feature_scaling_method=self.classifier.feature_scaling_method.value,
-            max_training_points=max_training_points,
-            weights=weights,
-            image_size=list(self.image_size),
-        )
         self.backbone = backbone
         self.layers = layers
         self.feature_extractor = TimmFeatureExtractor(backbone, layers, pre_trained=pre_trained, weights=weights)
@@ -70,7 +60,7 @@ class Dfkde(AnomalyModel):
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         rows = [
             self._features(images).cpu()
-            for images in tqdm(batches, desc="dfkde: collecting features", unit="batch", disable=not progress)
+            for images in progress_bar(batches, desc="dfkde: collecting features", unit="batch", disable=not progress)
         ]
         if not rows:
             raise FitError("fit received no images: the training data is empty")

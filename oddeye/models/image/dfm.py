@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import torch
 from torch.nn.functional import avg_pool2d, interpolate
-from tqdm.auto import tqdm
 
 from oddeye.models.base import AnomalyModel, FitError, register
 from oddeye.models.components import PCA, TimmFeatureExtractor
+from oddeye.progress import progress_bar
 
 __all__ = ["Dfm"]
 
@@ -45,16 +45,6 @@ class Dfm(AnomalyModel):
             raise ValueError(f"score_type must be one of {list(SCORE_TYPES)}, got {score_type!r}")
         if pooling_kernel_size < 1:
             raise ValueError(f"pooling_kernel_size must be at least 1, got {pooling_kernel_size}")
-        self._remember_config(
-            backbone=backbone,
-            layer=layer,
-            pre_trained=pre_trained,
-            pooling_kernel_size=pooling_kernel_size,
-            pca_level=pca_level,
-            score_type=score_type,
-            weights=weights,
-            image_size=list(self.image_size),
-        )
         self.backbone = backbone
         self.layer = layer
         self.pooling_kernel_size = int(pooling_kernel_size)
@@ -78,7 +68,7 @@ class Dfm(AnomalyModel):
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         rows = [
             self._features(images).flatten(1).cpu()
-            for images in tqdm(batches, desc="dfm: collecting features", unit="batch", disable=not progress)
+            for images in progress_bar(batches, desc="dfm: collecting features", unit="batch", disable=not progress)
         ]
         if not rows:
             raise FitError("fit received no images: the training data is empty")

@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.nn.functional import interpolate
-from tqdm.auto import tqdm
 
 from oddeye.models.base import AnomalyModel, FitError, register
 from oddeye.models.components import (
@@ -19,6 +18,7 @@ from oddeye.models.components import (
     MultiVariateGaussian,
     TimmFeatureExtractor,
 )
+from oddeye.progress import progress_bar
 
 __all__ = ["Padim"]
 
@@ -49,14 +49,6 @@ class Padim(AnomalyModel):
     ) -> None:
         super().__init__(image_size=image_size)
         layers = [layers] if isinstance(layers, str) else list(layers)
-        self._remember_config(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            n_features=n_features,
-            weights=weights,
-            image_size=list(self.image_size),
-        )
         self.backbone = backbone
         self.layers = layers
         self.feature_extractor = TimmFeatureExtractor(backbone, layers, pre_trained=pre_trained, weights=weights)
@@ -104,7 +96,7 @@ class Padim(AnomalyModel):
     @torch.no_grad()
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         acc: GaussianAccumulator | None = None
-        for images in tqdm(batches, desc="padim: collecting features", unit="batch", disable=not progress):
+        for images in progress_bar(batches, desc="padim: collecting features", unit="batch", disable=not progress):
             embedding = self._embedding(images).flatten(2)
             if acc is None:
                 c, n = embedding.shape[1:]

@@ -12,10 +12,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.nn.functional import avg_pool2d, interpolate, softmax
-from tqdm.auto import tqdm
 
 from oddeye.models.base import AnomalyModel, FitError, register
 from oddeye.models.components import GaussianBlur2d, KCenterGreedy, MemoryBank, TimmFeatureExtractor
+from oddeye.progress import progress_bar
 
 __all__ = ["Patchcore"]
 
@@ -45,15 +45,6 @@ class Patchcore(AnomalyModel):
             raise ValueError(f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}")
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be at least 1, got {num_neighbors}")
-        self._remember_config(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            coreset_sampling_ratio=coreset_sampling_ratio,
-            num_neighbors=num_neighbors,
-            weights=weights,
-            image_size=list(self.image_size),
-        )
         self.backbone = backbone
         self.layers = layers
         self.coreset_sampling_ratio = float(coreset_sampling_ratio)
@@ -76,7 +67,7 @@ class Patchcore(AnomalyModel):
     @torch.no_grad()
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         chunks = []
-        for images in tqdm(batches, desc="patchcore: collecting features", unit="batch", disable=not progress):
+        for images in progress_bar(batches, desc="patchcore: collecting features", unit="batch", disable=not progress):
             embedding = self._embedding(images)
             chunks.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).cpu())
         if not chunks:

@@ -1,5 +1,9 @@
-"""Video anomaly models; importing this package registers them."""
+"""Video anomaly models; importing this package imports every module in it, which registers them."""
 
-from oddeye.models.video import ai_vad, frame_diff
+import importlib
+import pkgutil
 
-__all__ = ["ai_vad", "frame_diff"]
+__all__ = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+
+for _name in __all__:
+    importlib.import_module(f"{__name__}.{_name}")

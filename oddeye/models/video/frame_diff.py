@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm import tqdm
 
 from oddeye.models.base import VideoAnomalyModel, register
 from oddeye.models.components.blur import GaussianBlur2d
 from oddeye.models.components.motion import frame_difference, mask_to_boxes
+from oddeye.progress import progress_bar
 
 
 @register("frame_diff")
@@ -33,14 +33,6 @@ class FrameDiff(VideoAnomalyModel):
         box_fraction: float = 0.5,
     ) -> None:
         super().__init__(image_size, clip_length)
-        self._remember_config(
-            image_size=list(self.image_size),
-            clip_length=clip_length,
-            sigma=sigma,
-            min_std=min_std,
-            min_region_area=min_region_area,
-            box_fraction=box_fraction,
-        )
         self.box_fraction = float(box_fraction)
         self.min_std = float(min_std)
         self.min_region_area = int(min_region_area)
@@ -58,7 +50,7 @@ class FrameDiff(VideoAnomalyModel):
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         total = total_sq = None
         n = 0
-        for clips in tqdm(batches, desc="frame_diff: motion statistics", unit="batch", disable=not progress):
+        for clips in progress_bar(batches, desc="frame_diff: motion statistics", unit="batch", disable=not progress):
             m = self._motion(clips).double()
             total = m.sum(0) if total is None else total + m.sum(0)
             total_sq = (m * m).sum(0) if total_sq is None else total_sq + (m * m).sum(0)

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Iterator
 
 import torch
-from tqdm import tqdm
 
 from oddeye.models.base import FitError, VideoAnomalyModel, register
 from oddeye.models.video.ai_vad.density import CombinedDensityEstimator
@@ -29,6 +28,7 @@ from oddeye.models.video.ai_vad.features import (
 from oddeye.models.video.ai_vad.flow import FlowExtractor
 from oddeye.models.video.ai_vad.regions import RegionExtractor
 from oddeye.models.video.ai_vad.weights import STAGES
+from oddeye.progress import progress_bar
 
 __all__ = ["POSE_BACKENDS", "AiVad"]
 
@@ -86,31 +86,6 @@ class AiVad(VideoAnomalyModel):
         unknown = sorted(set(weights) - set(STAGES))
         if unknown:
             raise ValueError(f"weights has unknown stage(s) {unknown}; allowed: {list(STAGES)}")
-        self._remember_config(
-            image_size=list(self.image_size),
-            clip_length=clip_length,
-            region_backend=region_backend,
-            flow_backend=flow_backend,
-            pose_backend=pose_backend,
-            deep_backend=deep_backend,
-            box_score_thresh=box_score_thresh,
-            persons_only=persons_only,
-            min_bbox_area=min_bbox_area,
-            max_bbox_overlap=max_bbox_overlap,
-            enable_foreground_detections=enable_foreground_detections,
-            foreground_kernel_size=foreground_kernel_size,
-            foreground_binary_threshold=foreground_binary_threshold,
-            n_velocity_bins=n_velocity_bins,
-            use_velocity_features=use_velocity_features,
-            use_pose_features=use_pose_features,
-            use_deep_features=use_deep_features,
-            n_components_velocity=n_components_velocity,
-            n_neighbors_pose=n_neighbors_pose,
-            n_neighbors_deep=n_neighbors_deep,
-            pre_trained=pre_trained,
-            weights=weights or None,
-            detector_size=detector_size,
-        )
         self.use_velocity = use_velocity_features
         self.use_pose = use_pose_features and pose_backend != "none"
         self.use_deep = use_deep_features and deep_backend != "none"
@@ -172,7 +147,7 @@ class AiVad(VideoAnomalyModel):
         groups: list[torch.Tensor] = []
         clips_seen = 0
         for group, clips in enumerate(
-            tqdm(batches, desc="ai_vad: region features", unit="batch", disable=not progress)
+            progress_bar(batches, desc="ai_vad: region features", unit="batch", disable=not progress)
         ):
             boxes, features = self.extract(clips)
             clips_seen += clips.shape[0]
