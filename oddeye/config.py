@@ -55,6 +55,9 @@ class _SourceBase(_Section):
     """What the ingest stage does when the model falls behind: live sources keep the newest frames
     (``drop_oldest``), files and topics wait (``block``). ``auto`` picks by source kind."""
     queue_size: int = Field(32, ge=1, le=10_000)
+    max_pixels: int | None = Field(50_000_000, ge=1)
+    """Largest frame accepted, in pixels (width × height), checked from the PNG/JPEG header before
+    decoding; larger frames are dead letters. None accepts any size the decoder can hold."""
 
 
 class SyntheticSourceConfig(_SourceBase):

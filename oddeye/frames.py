@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "Alert",
     "DecodeError",
     "Frame",
@@ -25,6 +26,7 @@ __all__ = [
     "as_rgb_uint8",
     "decode_image",
     "encode_jpeg",
+    "image_header_size",
     "resize_image",
     "to_json",
 ]
@@ -173,9 +175,50 @@ def to_json(record: dict[str, Any]) -> str:
 
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
+DEFAULT_MAX_PIXELS = 50_000_000
+"""The default pixel budget of one frame (50 MP, about 150 MB decoded): larger declared sizes are refused."""
 
-def decode_image(data: bytes | bytearray | memoryview, size_hint: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode JPEG/PNG bytes to an H×W×3 uint8 RGB array.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers (baseline, extended, progressive, lossless, hierarchical, arithmetic);
+# C4 (DHT), C8 (JPG) and CC (DAC) share the range but carry no size.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def image_header_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """The (width, height) a PNG or JPEG declares in its header, read without decoding.
+
+    Returns None for other formats (the decoder then decides). Raises ``DecodeError`` for a
+    PNG or JPEG whose header is truncated or malformed before it gets to the size.
+    """
+    head = bytes(data[:8])
+    if head == _PNG_SIGNATURE:
+        chunk = bytes(data[8:24])
+        if len(chunk) < 16 or chunk[4:8] != b"IHDR":
+            raise DecodeError("cannot decode PNG: its header is truncated or does not start with IHDR")
+        return int.from_bytes(chunk[8:12], "big"), int.from_bytes(chunk[12:16], "big")
+    if head[:2] == b"\xff\xd8":
+        shape = _jpeg_shape(data)
+        if shape is None:
+            raise DecodeError(
+                "cannot decode JPEG: header truncated or malformed (no frame header before the data)"
+            )
+        h, w = shape
+        return w, h
+    return None
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    size_hint: tuple[int, int] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode JPEG/PNG (or anything OpenCV reads) bytes to an H×W×3 uint8 RGB array.
+
+    Every failure is a ``DecodeError``, whatever the decoder raised, so that one bad payload is a
+    dead letter and never ends a reader. ``max_pixels`` is checked against the size a PNG or JPEG
+    declares in its header *before* decoding (a 57-byte PNG can declare 40000×40000), and against
+    the decoded size for other formats; None disables it.
 
     With ``size_hint`` (H, W) the JPEG decoder downsizes inside the DCT by the largest
     power of two that keeps the image at least that big, which is several times faster
@@ -183,38 +226,82 @@ def decode_image(data: bytes | bytearray | memoryview, size_hint: tuple[int, int
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
-        raise DecodeError("empty image payload")
+        raise DecodeError("cannot decode an empty image payload (0 bytes)")
+    declared = image_header_size(data)
+    if declared is not None:
+        w, h = declared
+        if w == 0 or h == 0:
+            raise DecodeError(f"cannot decode: the image header declares an empty image ({w}x{h})")
+        _check_pixels(w, h, max_pixels, "declares")
     flag = cv2.IMREAD_COLOR
-    if size_hint is not None and bytes(buf[:2]) == b"\xff\xd8":
-        flag = _reduced_flag(buf, size_hint)
-    img = cv2.imdecode(buf, flag)
+    if size_hint is not None and declared is not None and bytes(buf[:2]) == b"\xff\xd8":
+        flag = _reduced_flag(declared[1], declared[0], size_hint)
+    try:
+        img = cv2.imdecode(buf, flag)
+    except Exception as e:  # cv2.error, MemoryError, ...: a bad payload, never a crash
+        raise DecodeError(f"cannot decode {buf.size} bytes as an image: {type(e).__name__}: {_first_line(e)}") from e
     if img is None:
         raise DecodeError(f"cannot decode {buf.size} bytes as an image (not JPEG/PNG, or truncated)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if declared is None:
+        _check_pixels(img.shape[1], img.shape[0], max_pixels, "decodes to")
+    try:
+        if img.ndim == 2:
+            return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    except Exception as e:
+        raise DecodeError(f"cannot convert the decoded image of shape {img.shape}: {_first_line(e)}") from e
 
 
-def _reduced_flag(buf: np.ndarray, size_hint: tuple[int, int]) -> int:
-    shape = _jpeg_shape(buf)
-    if shape is None:
-        return cv2.IMREAD_COLOR
-    h, w = shape
+def _check_pixels(w: int, h: int, max_pixels: int | None, verb: str) -> None:
+    if max_pixels is not None and w * h > max_pixels:
+        raise DecodeError(
+            f"image {verb} {w}x{h} = {w * h} pixels, over max_pixels = {max_pixels} "
+            "(raise the source's max_pixels to accept it)"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1][:200] if text else "(no message)"
+
+
+def _reduced_flag(h: int, w: int, size_hint: tuple[int, int]) -> int:
     for factor, flag in _REDUCED:
         if h // factor >= size_hint[0] and w // factor >= size_hint[1]:
             return flag
     return cv2.IMREAD_COLOR
 
 
-def _jpeg_shape(buf: np.ndarray) -> tuple[int, int] | None:
-    """Read (H, W) from a JPEG's SOF marker without decoding it."""
-    data = buf.tobytes() if buf.size < 65536 else buf[:65536].tobytes()
+def _jpeg_shape(data: bytes | bytearray | memoryview | np.ndarray) -> tuple[int, int] | None:
+    """Read (H, W) from a JPEG's SOF marker without decoding it; None when there is none before the scan.
+
+    Walks the marker segments by their lengths (APPn segments such as EXIF can be large), so
+    only the segment headers are read.
+    """
+    mv = memoryview(data.tobytes() if isinstance(data, np.ndarray) else data).cast("B")
+    n = len(mv)
     i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
+    while i + 1 < n:
+        if mv[i] != 0xFF:
             return None
-        marker = data[i + 1]
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2):
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        marker = mv[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
+            return None
+        if i + 4 > n:
+            return None
+        length = int.from_bytes(mv[i + 2 : i + 4], "big")
+        if length < 2:
+            return None
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(mv[i + 5 : i + 7], "big"), int.from_bytes(mv[i + 7 : i + 9], "big")
         i += 2 + length
     return None
 
