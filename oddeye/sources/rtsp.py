@@ -15,19 +15,19 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
 
 from oddeye.frames import Frame
+from oddeye.redact import redact_path, redact_text, redact_url
 from oddeye.sources.base import Source, SourceError
 
 __all__ = ["RtspSource", "default_camera_id", "pyav_available", "redact_url"]
@@ -36,39 +36,18 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("rtsp", "rtsps")
 BACKENDS = ("pyav", "opencv")  # "auto" takes the first one installed
-_SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|key|auth|sig|credential", re.IGNORECASE)
 _BUFFER_PER_CAMERA = 2  # frames between a camera's reader and the iterating thread
 
 
 # ----------------------------------------------------------------------------- URLs
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password (and secret-looking query values) replaced by ``***``.
-
-    ``rtsp://admin:pw@cam-1:554/live?token=x`` → ``rtsp://admin:***@cam-1:554/live?token=***``.
-    """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
-    if parts.username is not None or parts.password is not None:
-        user = quote(parts.username or "", safe="")
-        netloc = f"{user}:***@{netloc}" if parts.password is not None else f"{user}@{netloc}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if _SECRET_PARAMS.search(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
 def default_camera_id(url: str) -> str:
-    """A camera id from the URL's host, port and path (``cam-1:554/live``), never its credentials."""
+    """A camera id from the URL's host, port and path (``cam-1:554/live``), never its credentials.
+
+    Secret ``key=value`` pairs in the path are masked (``cam:554/user=admin_password=***_channel=1``),
+    since the id reaches logs, metric labels and Kafka keys.
+    """
     try:
         parts = urlsplit(url)
         host = parts.hostname or "camera"
@@ -76,21 +55,13 @@ def default_camera_id(url: str) -> str:
     except ValueError:
         return "camera"
     name = host + (f":{port}" if port is not None else "")
-    path = parts.path.strip("/")
+    path = redact_path(parts.path.strip("/"))  # /user=admin_password=x_channel=1 holds a password
     return f"{name}/{path}" if path else name
 
 
 def _scrub(text: str, urls: Sequence[str]) -> str:
-    """Remove URLs (and their passwords) from an error message before it is logged."""
-    for url in urls:
-        text = text.replace(url, redact_url(url))
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:
-            text = text.replace(password, "***")
-    return text
+    """Remove URLs (and their passwords and path/query secrets) from an error message before it is logged."""
+    return redact_text(text, urls)
 
 
 # ----------------------------------------------------------------------------- decoders
