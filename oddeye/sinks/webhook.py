@@ -6,6 +6,13 @@ The sender thread POSTs each event with a timeout and retries connection errors,
 timeouts, 408/429 and 5xx answers with exponential backoff and jitter (honouring a
 numeric ``Retry-After``); other 4xx answers are not retried.
 
+Redirects are never followed: a 3xx answer is a failed delivery (not retried; fix the URL),
+so the body and the bearer token only ever go to the configured host. ``timeout_s`` is a
+deadline for the whole request (connect, send, answer), enforced by closing the socket when
+it passes, so an endpoint that drips its answer byte by byte cannot hold the sender. At most
+``MAX_RESPONSE_BYTES`` of an answer are read. The URL, which often is itself the secret
+(Slack-style hooks), is logged as scheme and host only.
+
 Headers: ``Content-Type: application/json``, ``X-Oddeye-Event`` (open/update/close),
 ``X-Oddeye-Delivery`` (the same on every retry of one event, for de-duplication),
 ``X-Oddeye-Signature: sha256=<hex HMAC-SHA256 of the body>`` when ``hmac_secret_env``
@@ -15,30 +22,35 @@ when ``bearer_token_env`` does. Secrets are read once at construction and never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
 import queue
 import random
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from urllib.parse import urlsplit
 
 from oddeye.frames import Alert
+from oddeye.redact import url_origin
 from oddeye.sinks.base import Sink
 
-__all__ = ["SCHEMA_VERSION", "SIGNATURE_HEADER", "WebhookSink", "sign"]
+__all__ = ["MAX_RESPONSE_BYTES", "SCHEMA_VERSION", "SIGNATURE_HEADER", "WebhookSink", "sign"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SIGNATURE_HEADER = "X-Oddeye-Signature"
 _RETRY_STATUS = {408, 425, 429}
+MAX_RESPONSE_BYTES = 64 * 1024
+"""Most bytes of an answer read (the body is not used; reading a little lets the server finish cleanly)."""
 
 
 def sign(key: bytes, body: bytes) -> str:
@@ -76,12 +88,25 @@ class WebhookSink(Sink):
         close_timeout_s: float = 10.0,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook url must start with http:// or https://, got {url!r}")
+            raise ValueError(f"webhook url must start with http:// or https://, got {url_origin(url)!r}")
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port
+        except ValueError as e:
+            raise ValueError(f"webhook url cannot be parsed ({e}); host {url_origin(url)!r}") from None
+        if not host:
+            raise ValueError("webhook url has no host")
         if timeout_s <= 0 or backoff_initial_s <= 0 or backoff_max_s <= 0:
             raise ValueError("webhook timeout_s, backoff_initial_s and backoff_max_s must be > 0")
         if max_retries < 0 or queue_size < 1:
             raise ValueError("webhook max_retries must be ≥ 0 and queue_size ≥ 1")
         self.url = url
+        self.shown_url = url_origin(url)
+        """What logs and ``repr`` show: scheme, host and port only."""
+        self._https = parts.scheme == "https"
+        self._host, self._port = host, port
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._ssl = ssl.create_default_context() if self._https else None
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_initial_s = backoff_initial_s
@@ -101,7 +126,7 @@ class WebhookSink(Sink):
         self._thread.start()
 
     def __repr__(self) -> str:  # never show the secrets
-        return f"WebhookSink(url={self.url!r}, states={sorted(self.states)})"
+        return f"WebhookSink(url={self.shown_url!r}, states={sorted(self.states)})"
 
     # ------------------------------------------------------------------ Sink
     def write_alert(self, alert: Alert) -> None:
@@ -181,25 +206,63 @@ class WebhookSink(Sink):
                 break
         self.failed += 1
         log.warning(
-            "webhook %s: giving up on alert event %s after %d attempt(s): %s", self.url, delivery, attempt + 1, error
+            "webhook %s: giving up on alert event %s after %d attempt(s): %s",
+            self.shown_url,
+            delivery,
+            attempt + 1,
+            error,
         )
 
     def _post(self, body: bytes, headers: dict[str, str]) -> tuple[float | None, str | None]:
-        """One POST. Returns (retry_after, error): error None on success; retry_after None = do not retry."""
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        """One POST within ``timeout_s`` in all. Returns (retry_after, error): error None on success;
+        retry_after None = do not retry."""
+        deadline = time.monotonic() + self.timeout_s
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+        # The socket timeout bounds each operation; this timer bounds the whole request by shutting
+        # the socket down when the deadline passes (a blocked recv then returns at once).
+        expired = threading.Event()
+        watchdog = threading.Timer(self.timeout_s, _abort, (conn, expired))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                response.read()
-                return 0.0, None
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            error = f"HTTP {exc.code}"
-            if exc.code in _RETRY_STATUS or exc.code >= 500:
-                return _retry_after(exc.headers.get("Retry-After")), error
-            return None, error
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-            reason: Any = getattr(exc, "reason", exc)
-            return 0.0, f"{type(reason).__name__}: {reason}"
+            conn.connect()
+            if expired.is_set():  # the deadline passed while connecting, before there was a socket to shut
+                raise TimeoutError("connect took the whole deadline")
+            conn.request("POST", self._target, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read(MAX_RESPONSE_BYTES)
+            status = response.status
+            retry_after_header = response.getheader("Retry-After")
+            location = response.getheader("Location")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if expired.is_set() or time.monotonic() >= deadline:
+                return 0.0, f"no complete answer within timeout_s={self.timeout_s:g}s"
+            return 0.0, f"{type(exc).__name__}: {exc}"
+        finally:
+            watchdog.cancel()
+            conn.close()
+        if 200 <= status < 300:
+            return 0.0, None
+        if 300 <= status < 400:
+            where = url_origin(location) if location and "://" in location else "a path on the same host"
+            return None, f"HTTP {status} redirect to {where}: redirects are not followed, set the final URL"
+        error = f"HTTP {status}"
+        if status in _RETRY_STATUS or status >= 500:
+            return _retry_after(retry_after_header), error
+        return None, error
+
+
+def _abort(conn: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """Shut down a request's socket from the watchdog thread once its deadline has passed."""
+    expired.set()
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread
 
 
 def _retry_after(value: str | None) -> float:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -155,3 +157,110 @@ def test_full_queue_drops_and_counts_without_blocking(endpoint: Endpoint) -> Non
     assert 16 <= sink.dropped <= 17  # 3 queued, maybe 1 taken by the (hanging) sender
     endpoint.release.set()
     sink.close()
+
+
+# --------------------------------------------------------------------------- redirects, secrets, limits, deadline
+
+
+@contextlib.contextmanager
+def serve(handle: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[tuple[str, list[bytes]]]:
+    """A local HTTP server whose POST handler is ``handle``; yields its base URL and the bodies it got."""
+    bodies: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            handle(self)
+
+        def do_GET(self) -> None:
+            bodies.append(b"GET " + self.headers.get("Authorization", "").encode())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_redirects_are_failures_and_the_token_never_leaves(status: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_TOKEN", "t0ken")
+    with serve(lambda h: None) as (other_url, other_got):
+
+        def redirect(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(status)
+            h.send_header("Location", f"{other_url}/steal?token=abc")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+        with serve(redirect) as (url, got):
+            sink = WebhookSink(f"{url}/hook", bearer_token_env="HOOK_TOKEN", max_retries=3, backoff_initial_s=0.01)
+            sink.write_alert(alert())
+            assert sink.flush(5)
+            sink.close()
+    assert sink.sent == 0 and sink.failed == 1 and sink.retries == 0  # a redirect is not retried
+    assert len(got) == 1 and other_got == []  # nothing (and no token) went to the redirect's target
+
+
+def test_url_is_never_logged_verbatim(caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(404)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    with serve(refuse) as (url, _got), caplog.at_level(logging.DEBUG, logger="oddeye.sinks.webhook"):
+        secret_url = f"{url}/services/T0/B0/s3cr3tPath?token=s3cr3tQuery"
+        sink = WebhookSink(secret_url, max_retries=0)
+        sink.write_alert(alert())
+        assert sink.flush(5)
+        sink.close()
+    assert sink.failed == 1 and "giving up" in caplog.text
+    logged = caplog.text + repr(sink) + "".join(str(r.args) for r in caplog.records)
+    assert "s3cr3t" not in logged and url in logged  # scheme, host and port only
+
+
+def test_response_body_is_read_with_a_limit() -> None:
+    def flood(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(10**10))
+        h.end_headers()
+        chunk = b"x" * (1 << 20)
+        with contextlib.suppress(OSError):
+            for _ in range(10_000):  # would take minutes to read in full
+                h.wfile.write(chunk)
+
+    with serve(flood) as (url, _got):
+        sink = WebhookSink(url, timeout_s=30, max_retries=0)
+        t = time.monotonic()
+        sink.write_alert(alert())
+        assert sink.flush(10)
+        elapsed = time.monotonic() - t
+        sink.close()
+    assert sink.sent == 1 and elapsed < 3
+
+
+def test_timeout_is_a_deadline_for_the_whole_request() -> None:
+    def drip(h: BaseHTTPRequestHandler) -> None:
+        with contextlib.suppress(OSError):
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + b"X-Slow: " + b"y" * 100:
+                h.wfile.write(bytes([byte]))
+                h.wfile.flush()
+                time.sleep(0.1)  # every byte comes well within a per-read timeout
+
+    with serve(drip) as (url, _got):
+        sink = WebhookSink(url, timeout_s=0.5, max_retries=0)
+        t = time.monotonic()
+        sink.write_alert(alert())
+        assert sink.flush(10)
+        elapsed = time.monotonic() - t
+        sink.close()
+    assert sink.failed == 1 and sink.sent == 0
+    assert elapsed < 1.5
