@@ -235,6 +235,8 @@ class TrainedAnomalyModel(AnomalyModel):
     automatic_optimization: bool = True
     scheduler_interval: str = "epoch"
     supports_amp: bool = True
+    # Held-out normalisation (AnomalyModel.fit): one extra training run on k-1 folds, not k of them.
+    heldout_fits = 1
 
     def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256)) -> None:
         super().__init__(image_size=image_size)
