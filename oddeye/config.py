@@ -287,6 +287,8 @@ class AlertPolicyConfig(_Section):
 class AlertsConfig(AlertPolicyConfig):
     cameras: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-camera overrides of any policy field, e.g. ``{gate-1: {threshold: 0.7}}``."""
+    idle_expire_s: float | None = Field(3600.0, gt=0)
+    """Forget a camera's alert state (closing its open alert) after this long without a frame; None: never."""
 
     @field_validator("cameras")
     @classmethod

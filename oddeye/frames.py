@@ -127,7 +127,11 @@ AlertState = Literal["open", "update", "close"]
 
 @dataclass
 class Alert:
-    """An alert event for one camera: opened, updated while it lasts, closed."""
+    """An alert event for one camera: opened, updated while it lasts, closed.
+
+    ``alert_id`` is globally unique (a UUIDv7), the same on every event of one alert;
+    ``seq`` is the frame that caused the event, ``start_seq`` the first frame of the alert.
+    """
 
     alert_id: str
     camera_id: str
@@ -140,6 +144,7 @@ class Alert:
     snapshot: str | None = None
     seq: int = -1
     boxes: list[list[float]] | None = None
+    start_seq: int = -1
 
     def record(self) -> dict[str, Any]:
         """The alerts wire format."""
@@ -200,9 +205,7 @@ def image_header_size(data: bytes | bytearray | memoryview) -> tuple[int, int] |
     if head[:2] == b"\xff\xd8":
         shape = _jpeg_shape(data)
         if shape is None:
-            raise DecodeError(
-                "cannot decode JPEG: header truncated or malformed (no frame header before the data)"
-            )
+            raise DecodeError("cannot decode JPEG: header truncated or malformed (no frame header before the data)")
         h, w = shape
         return w, h
     return None

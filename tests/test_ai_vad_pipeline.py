@@ -69,12 +69,12 @@ def test_two_interleaved_cameras_alert_with_a_box_on_the_anomalous_object(ray_lo
     assert opened and all(a["camera_id"] == "cam-a" for a in opened)
     truth = SyntheticCamera(width=W, height=H, seed=3, anomaly_every=60, anomaly_duration=15, anomaly_kinds=KINDS)
     for period_start, kind in ((45, "wrong_motion"), (105, "foreign_object")):
-        hits = [a for a in opened if period_start <= int(a["alert_id"].rsplit("-", 1)[1]) < period_start + 15]
+        hits = [a for a in opened if period_start <= a["start_seq"] < period_start + 15]
         assert hits, f"no alert for the {kind} period at {period_start}"
         a = hits[0]
         assert a["boxes"], "the alert carries the boxes of its regions"
         # The boxes are those of the run's peak frame: any frame from the run's start to the event.
-        start = int(a["alert_id"].rsplit("-", 1)[1])
+        start = a["start_seq"]
         metas = [truth.render(q)[1] for q in range(start, a["seq"] + 1)]
         assert {m["kind"] for m in metas} == {kind}
         bx = max(a["boxes"], key=lambda b: b[4])

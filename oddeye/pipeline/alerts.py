@@ -1,19 +1,68 @@
 """Alert logic: turn each camera's score stream into alert open / update / close events.
 
-Pure Python and driven only by frame timestamps (never the wall clock), so a replayed
-stream yields the same events with the same ids. The pipeline hosts one tracker in an
-actor; cameras never affect each other.
+Pure Python and driven by frame timestamps, so a replayed stream yields the same events.
+Alert ids are UUIDv7 (time-ordered, 74 random bits): unique across cameras, restarts and
+machines, so snapshots named by them are never overwritten and receivers can de-duplicate
+on them. The pipeline hosts one tracker in an actor; cameras never affect each other.
+
+A camera's state is dropped by ``expire_idle`` once it has sent no frame for
+``idle_expire_s`` (wall clock), closing its open alert first, so camera ids taken from
+untrusted message headers cannot grow the tracker without bound.
+
+Frames marked ``meta["still"]`` (the image-folder source) are each their own event: one
+at or above the threshold opens an alert and closes it at once; ``min_frames``,
+``hysteresis`` and ``cooldown_s`` describe streams in time and do not apply.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from oddeye.frames import Alert, AlertState, ScoredFrame
 
-__all__ = ["AlertPolicy", "AlertTracker"]
+__all__ = ["AlertPolicy", "AlertTracker", "uuid7"]
+
+
+class _Uuid7:
+    """UUIDv7 (RFC 9562): 48-bit Unix milliseconds, 12-bit counter, 62 random bits.
+
+    Within one millisecond the counter (``rand_a``, started at a random value below 2048)
+    increases, so ids made by one process sort in creation order; if it overflows, the
+    millisecond is borrowed from the future. The random bits make ids from different
+    processes collide with probability ~2^-62 per pair in the same millisecond.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._counter = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            ms = int(self._clock() * 1000)
+            if ms > self._last_ms:
+                self._last_ms = ms
+                self._counter = int.from_bytes(os.urandom(2), "big") & 0x7FF
+            else:  # same millisecond (or the clock went back): keep order with the counter
+                self._counter += 1
+                if self._counter > 0xFFF:
+                    self._last_ms += 1
+                    self._counter = 0
+            ms, counter = self._last_ms, self._counter
+        rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
+        return str(uuid.UUID(int=value))
+
+
+uuid7 = _Uuid7()
+"""A new UUIDv7 string each call (``018f3c1e-7d2a-7a41-9c3e-...``)."""
 
 
 @dataclass
@@ -63,6 +112,7 @@ class _CameraState:
         "frames",
         "last_close_ts",
         "last_event_ts",
+        "last_seen",
         "last_seq",
         "last_ts",
         "low_run",
@@ -97,6 +147,7 @@ class _CameraState:
         self.last_close_ts: float | None = None
         self.last_ts = 0.0
         self.last_seq = -1
+        self.last_seen = 0.0  # the tracker's clock (monotonic) when the camera's last frame came
         self.model = ""
 
 
@@ -107,15 +158,34 @@ class AlertTracker:
     Events are new ``Alert`` objects; ``frames`` counts every frame from the first frame
     of the opening run up to the event, ``boxes`` are those of the peak frame, and
     ``model`` is the tracker's model name, or else the frames' own.
+
+    ``idle_expire_s`` (None: never) is how long a camera may send nothing before
+    ``expire_idle`` forgets it; ``clock`` (monotonic seconds) is only used for that.
     """
 
     def __init__(
-        self, policy: AlertPolicy | None = None, model: str = "", overrides: dict[str, AlertPolicy] | None = None
+        self,
+        policy: AlertPolicy | None = None,
+        model: str = "",
+        overrides: dict[str, AlertPolicy] | None = None,
+        idle_expire_s: float | None = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+        new_id: Callable[[], str] = uuid7,
     ) -> None:
+        if idle_expire_s is not None and not idle_expire_s > 0:
+            raise ValueError(f"idle_expire_s must be > 0 (or None to never expire), got {idle_expire_s!r}")
         self.policy = policy if policy is not None else AlertPolicy()
         self.model = model
         self.overrides = dict(overrides or {})
+        self.idle_expire_s = idle_expire_s
+        self._clock = clock
+        self._new_id = new_id
         self._cameras: dict[str, _CameraState] = {}
+
+    @property
+    def cameras(self) -> int:
+        """How many cameras the tracker holds state for."""
+        return len(self._cameras)
 
     def policy_for(self, camera_id: str) -> AlertPolicy:
         """The policy that applies to one camera."""
@@ -154,7 +224,10 @@ class AlertTracker:
             score = 0.0
         ts = float(frame.timestamp)
         state.last_ts, state.last_seq, state.model = ts, frame.seq, frame.model
+        state.last_seen = self._clock()
 
+        if frame.meta.get("still"):
+            return self._update_still(state, frame, score, ts, policy)
         if state.alert_id is not None:
             return self._update_open(state, frame, score, ts, policy)
         return self._update_closed(state, frame, score, ts, policy)
@@ -167,7 +240,59 @@ class AlertTracker:
                 events.append(self._close(camera_id, state, state.last_ts, state.last_seq))
         return events
 
+    def expire_idle(self, now: float | None = None, on_expire: Callable[[str], None] | None = None) -> list[Alert]:
+        """Forget every camera with no frame for ``idle_expire_s``; the close events of their open alerts.
+
+        ``now`` is on the tracker's clock (default: read it). ``on_expire(camera_id)`` is called
+        for each camera dropped, e.g. to remove its metric series. Call it every few seconds.
+        """
+        if self.idle_expire_s is None:
+            return []
+        now = self._clock() if now is None else now
+        events: list[Alert] = []
+        for camera_id in [c for c, st in self._cameras.items() if now - st.last_seen >= self.idle_expire_s]:
+            state = self._cameras.pop(camera_id)
+            if state.alert_id is not None:
+                events.append(self._close(camera_id, state, state.last_ts, state.last_seq))
+            if on_expire is not None:
+                on_expire(camera_id)
+        return events
+
     # ------------------------------------------------------------------ internals
+
+    def _update_still(
+        self, state: _CameraState, frame: ScoredFrame, score: float, ts: float, policy: AlertPolicy
+    ) -> list[Alert]:
+        """A still image is its own event: open and close an alert for it when it scores ≥ threshold."""
+        events = []
+        if state.alert_id is not None:  # left open by stream frames of the same camera
+            events.append(self._close(frame.camera_id, state, state.last_ts, frame.seq))
+        state.run_len = 0
+        if score < policy.threshold:
+            return events
+        self._open(state, frame.camera_id, frame.seq, ts, score, frame.boxes, 1)
+        events.append(self._event(frame.camera_id, state, "open", None, frame.seq))
+        events.append(self._close(frame.camera_id, state, ts, frame.seq))
+        return events
+
+    def _open(
+        self,
+        state: _CameraState,
+        camera_id: str,
+        start_seq: int,
+        start_ts: float,
+        peak: float,
+        boxes: list[list[float]] | None,
+        frames: int,
+    ) -> None:
+        state.alert_id = self._new_id()
+        state.run_start_seq = start_seq
+        state.started_at = start_ts
+        state.peak, state.boxes = peak, boxes
+        state.frames = frames
+        state.low_run = 0
+        state.snapshot = None
+        state.run_len = 0
 
     def _update_closed(
         self, state: _CameraState, frame: ScoredFrame, score: float, ts: float, policy: AlertPolicy
@@ -185,14 +310,16 @@ class AlertTracker:
             return []
         if state.last_close_ts is not None and ts - state.last_close_ts < policy.cooldown_s:
             return []  # the run goes on counting; it opens once the cooldown is over
-        state.alert_id = f"{frame.camera_id}-{state.run_start_seq}"
-        state.started_at = state.run_start_ts
-        state.peak, state.boxes = state.run_peak, state.run_boxes
-        state.frames = state.run_len
-        state.low_run = 0
+        self._open(
+            state,
+            frame.camera_id,
+            state.run_start_seq,
+            state.run_start_ts,
+            state.run_peak,
+            state.run_boxes,
+            state.run_len,
+        )
         state.last_event_ts = ts
-        state.snapshot = None
-        state.run_len = 0
         return [self._event(frame.camera_id, state, "open", None, frame.seq)]
 
     def _update_open(
@@ -235,4 +362,5 @@ class AlertTracker:
             snapshot=state.snapshot,
             seq=seq,
             boxes=None if state.boxes is None else [list(b) for b in state.boxes],
+            start_seq=state.run_start_seq,
         )

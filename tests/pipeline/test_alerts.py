@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from oddeye.frames import Alert, ScoredFrame
-from oddeye.pipeline.alerts import AlertPolicy, AlertTracker
+from oddeye.pipeline.alerts import AlertPolicy, AlertTracker, uuid7
+from oddeye.sinks.snapshots import SnapshotSink
 
 T0 = 1_700_000_000.0
+UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
 def frame(cam: str, seq: int, score: float, fps: float = 1.0, boxes: list[list[float]] | None = None) -> ScoredFrame:
@@ -54,7 +62,7 @@ def test_run_of_min_frames_opens_on_last_frame_of_run() -> None:
     seq, (alert,) = events[0]
     assert seq == 4  # third consecutive frame ≥ threshold (0.5 counts)
     assert alert.state == "open"
-    assert alert.alert_id == "cam-2"
+    assert alert.start_seq == 2 and UUID7.fullmatch(alert.alert_id)
     assert alert.started_at == T0 + 2
     assert alert.ended_at is None
     assert alert.peak_score == pytest.approx(0.9)
@@ -86,7 +94,7 @@ def test_close_after_close_frames_low_frames() -> None:
     states = [(seq, a.state) for seq, evs in events for a in evs]
     assert states == [(3, "open"), (6, "close")]
     close = only(events, "close")[0]
-    assert close.alert_id == "cam-1"
+    assert close.start_seq == 1 and close.alert_id == only(events, "open")[0].alert_id
     assert close.started_at == T0 + 1
     assert close.ended_at == T0 + 6
     assert close.peak_score == pytest.approx(0.95)
@@ -115,7 +123,7 @@ def test_cooldown_suppresses_reopen_then_allows_it() -> None:
     assert feed(tracker, [0.9, 0.9, 0.9, 0.1], start=5) == []
     # a run that reaches min_frames at seq 14 (t - close = 10 s) opens
     later = feed(tracker, [0.1] * 3 + [0.9, 0.9, 0.9], start=9)
-    assert [(seq, a.state, a.alert_id) for seq, evs in later for a in evs] == [(14, "open", "cam-12")]
+    assert [(seq, a.state, a.start_seq) for seq, evs in later for a in evs] == [(14, "open", 12)]
 
 
 def test_run_through_end_of_cooldown_opens_when_cooldown_ends() -> None:
@@ -124,7 +132,7 @@ def test_run_through_end_of_cooldown_opens_when_cooldown_ends() -> None:
     events = feed(tracker, [0.9] * 12, start=5)  # one long run, seqs 5..16
     assert [(seq, a.state) for seq, evs in events for a in evs] == [(14, "open")]
     opened = only(events, "open")[0]
-    assert opened.alert_id == "cam-5"
+    assert opened.start_seq == 5
     assert opened.started_at == T0 + 5
     assert opened.frames == 10
 
@@ -137,7 +145,8 @@ def test_update_events_every_interval_of_frame_time() -> None:
     assert states == [(1, "open"), (5, "update"), (9, "update")]
     updates = only(events, "update")
     assert [u.frames for u in updates] == [6, 10]
-    assert all(u.ended_at is None and u.alert_id == "cam-0" for u in updates)
+    opened = only(events, "open")[0]
+    assert all(u.ended_at is None and u.alert_id == opened.alert_id and u.start_seq == 0 for u in updates)
 
 
 def test_zero_update_interval_means_no_updates() -> None:
@@ -184,16 +193,19 @@ def test_close_all_closes_every_open_alert_at_last_seen_time() -> None:
     assert tracker.close_all() == []
 
 
-def test_replay_yields_same_ids() -> None:
+def test_replay_yields_same_events_with_new_unique_ids() -> None:
     scores = [0.1, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1] * 3
 
-    def ids() -> list[tuple[str, str]]:
+    def events() -> list[Alert]:
         tracker = AlertTracker(AlertPolicy(close_frames=2, cooldown_s=0, update_interval_s=1))
-        return [(a.alert_id, a.state) for _, evs in feed(tracker, scores) for a in evs]
+        return [a for _, evs in feed(tracker, scores) for a in evs]
 
-    first = ids()
-    assert first == ids()
-    assert [i for i, s in first if s == "open"] == ["cam-1", "cam-8", "cam-15"]
+    first, second = events(), events()  # e.g. before and after a restart: seq starts at 0 again
+    strip = [(a.start_seq, a.seq, a.state) for a in first]
+    assert strip == [(a.start_seq, a.seq, a.state) for a in second]
+    assert [a.start_seq for a in first if a.state == "open"] == [1, 8, 15]
+    opened = [a.alert_id for a in first + second if a.state == "open"]
+    assert len(set(opened)) == 6  # the old ids were camera-start_seq: equal across restarts
 
 
 def test_nan_score_counts_as_low() -> None:
@@ -218,3 +230,69 @@ def test_nan_score_counts_as_low() -> None:
 def test_invalid_policy_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         AlertPolicy(**kwargs)
+
+
+# --------------------------------------------------------------------------- ids, idle expiry, stills
+
+
+def test_uuid7_ids_are_unique_time_ordered_and_valid() -> None:
+    ids = [uuid7() for _ in range(5000)]
+    assert len(set(ids)) == 5000 and ids == sorted(ids)  # ordered within one process, even in one millisecond
+    u = uuid.UUID(ids[0])
+    assert u.version == 7 and u.variant == uuid.RFC_4122 and UUID7.fullmatch(ids[0])
+    assert abs((u.int >> 80) / 1000 - time.time()) < 5  # the first 48 bits are Unix milliseconds
+
+
+def test_snapshots_named_by_alert_id_never_overwrite_across_restarts(tmp_path: Path) -> None:
+    paths = []
+    for _restart in range(2):
+        tracker = AlertTracker(POLICY)
+        sink = SnapshotSink(tmp_path)
+        for i, s in enumerate([0.9, 0.9, 0.9]):
+            f = frame("cam", i, s)
+            f.image = np.zeros((8, 8, 3), np.uint8)
+            for alert in tracker.update(f):
+                paths.append(sink.save(alert, f))
+    assert len(paths) == 2 and paths[0] != paths[1]
+    assert all(Path(p).is_file() for p in paths)
+
+
+def test_idle_cameras_expire_closing_their_alerts_first() -> None:
+    clock = [0.0]
+    tracker = AlertTracker(POLICY, idle_expire_s=60, clock=lambda: clock[0])
+    feed(tracker, [0.9, 0.9, 0.9], cam="gone")  # opens an alert, then the camera goes silent
+    feed(tracker, [0.1], cam="quiet")
+    for i in range(1000):  # untrusted ids that each send one frame
+        tracker.update(frame(f"spoof-{i}", 0, 0.1))
+    assert tracker.cameras == 1002
+    clock[0] = 30.0
+    feed(tracker, [0.1], cam="live", start=0)
+    assert tracker.expire_idle() == [] and tracker.cameras == 1003
+    clock[0] = 61.0
+    forgotten: list[str] = []
+    events = tracker.expire_idle(on_expire=forgotten.append)
+    assert [(a.camera_id, a.state, a.ended_at) for a in events] == [("gone", "close", T0 + 2)]
+    assert tracker.cameras == 1 and set(forgotten) == {"gone", "quiet"} | {f"spoof-{i}" for i in range(1000)}
+    assert tracker.open_alert_ids() == {}
+    with pytest.raises(ValueError, match="idle_expire_s"):
+        AlertTracker(POLICY, idle_expire_s=0)
+
+
+def test_each_still_image_is_its_own_event() -> None:
+    policy = AlertPolicy(threshold=0.5, min_frames=3, hysteresis=0.1, close_frames=5, cooldown_s=2.0)
+    tracker = AlertTracker(policy)
+    scores = [0.1, 0.2] + [0.9] * 24 + [0.1] * 3 + [0.8]  # 24 defective images in a row, one more later
+    events = []
+    for i, s in enumerate(scores):
+        f = frame("line-3", i, s, fps=200.0)  # all 30 images within 0.15 s: the cooldown would swallow them
+        f.meta["still"] = True
+        events += tracker.update(f)
+    opened = [a for a in events if a.state == "open"]
+    assert len(opened) == 25 and len({a.alert_id for a in opened}) == 25
+    assert [a.start_seq for a in opened] == [*range(2, 26), 29]
+    assert [a.state for a in events[:2]] == ["open", "close"] and events[1].frames == 1
+    assert tracker.open_alerts == 0
+    # as a stream, the same scores open one alert only
+    stream = AlertTracker(policy)
+    streamed = [a for i, s in enumerate(scores) for a in stream.update(frame("line-3", i, s, fps=200.0))]
+    assert [a.state for a in streamed] == ["open"]
