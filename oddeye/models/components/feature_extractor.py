@@ -13,8 +13,9 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import timm
@@ -145,10 +146,16 @@ def _resolve_layers(backbone: str, layers: Sequence[str]) -> list[int]:
     return indices
 
 
-def _create_pretrained(backbone: str, out_indices: tuple[int, ...]) -> nn.Module:
-    """timm's normal pretrained loading, failing fast (and clearly) when the hub is unreachable."""
+def _create_pretrained(backbone: str, out_indices: tuple[int, ...] | None = None, **create_kwargs: Any) -> nn.Module:
+    """timm's normal pretrained loading, failing fast (and clearly) when the hub is unreachable.
+
+    With ``out_indices`` a features_only model; without, the whole network built with ``create_kwargs``
+    (the ViT patch-token extractor's case).
+    """
 
     def build() -> nn.Module:
+        if out_indices is None:
+            return timm.create_model(backbone, pretrained=True, **create_kwargs)
         return timm.create_model(backbone, pretrained=True, features_only=True, out_indices=out_indices)
 
     try:
@@ -247,12 +254,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_local_weights(
-    features: nn.Module, backbone: str, path: Path, key_map: str | Sequence[Sequence[str]] | None = None
+    features: nn.Module,
+    backbone: str,
+    path: Path,
+    key_map: str | Sequence[Sequence[str]] | None = None,
+    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Load a backbone state_dict from ``path`` into a features_only model, strictly.
 
     The file may hold the full classifier network (head and unused deeper stages are
     ignored) or just the feature layers. Anything else that does not fit is an error.
+    ``adapt`` rewrites the (key-mapped) state first, e.g. resampling a ViT's position embeddings.
     """
     state = read_state_dict(path)
     with torch.device("meta"):
@@ -260,6 +272,8 @@ def _load_local_weights(
     full_keys = set(full)
     if key_map is not None:
         state = map_keys(state, key_map, full, str(path))
+    if adapt is not None:
+        state = adapt(state)
     target = features.state_dict()
 
     loaded: dict[str, torch.Tensor] = {}
