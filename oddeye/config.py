@@ -38,6 +38,8 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1)
     namespace: str | None = None
     include_dashboard: bool = False
+    connect_timeout_s: float = Field(30.0, gt=0)
+    """How long joining a named cluster (``address``) may take before the run fails naming the address."""
 
     @field_validator("address", mode="before")
     @classmethod
@@ -55,6 +57,12 @@ class _SourceBase(_Section):
     """What the ingest stage does when the model falls behind: live sources keep the newest frames
     (``drop_oldest``), files and topics wait (``block``). ``auto`` picks by source kind."""
     queue_size: int = Field(32, ge=1, le=10_000)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources for this source's ingest actors (e.g. ``{ingest: 1}``): places them on
+    the cluster nodes that offer them."""
+    max_cameras: int | None = Field(1000, ge=1)
+    """Most distinct camera ids one source may carry; frames of new cameras past it are dead letters
+    (a camera id from a message header must not grow state without bound)."""
     max_pixels: int | None = Field(50_000_000, ge=1)
     """Largest frame accepted, in pixels (width × height), checked from the PNG/JPEG header before
     decoding; larger frames are dead letters. None accepts any size the decoder can hold."""
@@ -132,6 +140,18 @@ class KafkaSourceConfig(_SourceBase):
     reconnect_initial_s: float = Field(0.5, gt=0)
     """First wait before retrying an unreachable broker; doubles (with jitter) up to ``reconnect_max_s``."""
     reconnect_max_s: float = Field(30.0, gt=0)
+    allow_skip: bool = False
+    """Allow a lossy ``drop_policy`` (drop_oldest/drop_newest): dropped messages are then committed
+    without being scored. Off by default: a topic is at-least-once and waits instead."""
+
+    @model_validator(mode="after")
+    def _no_silent_skips(self) -> KafkaSourceConfig:
+        if self.drop_policy in ("drop_oldest", "drop_newest") and not self.allow_skip:
+            raise ValueError(
+                f"drop_policy {self.drop_policy} would commit Kafka offsets of frames that were never scored; "
+                "use drop_policy: block (or auto), or set allow_skip: true to accept skipped messages"
+            )
+        return self
 
 
 class RtspCameraConfig(_Section):
@@ -225,6 +245,11 @@ class ModelConfig(_Section):
     """CPUs reserved for each model actor in Ray's scheduler."""
     num_gpus: float | None = Field(None, ge=0)
     """GPUs reserved for each model actor; default 1 when the device is CUDA, else 0."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources for each model actor (e.g. ``{model: 1}``): places them on the nodes that offer them."""
+    start_timeout_s: float = Field(120.0, gt=0)
+    """How long model actors may take to be placed and load the checkpoint before the run fails,
+    naming the resource that is missing."""
 
     @field_validator("device")
     @classmethod

@@ -1,44 +1,164 @@
-"""Ray actor wrappers: the only place where the pipeline's workers meet Ray."""
+"""Ray actor wrappers: the only place where the pipeline's workers meet Ray.
+
+Frames move by reference: an ingest actor stacks the pixels it hands out into one uint8 array
+in the object store and returns metadata plus that reference; a model actor fetches the arrays
+of its batch itself. The driver never holds pixels, except the few frames it snapshots.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from typing import Any
 
+import numpy as np
 import ray
 
 from oddeye.config import ModelConfig, RayConfig
-from oddeye.pipeline.ingest import IngestWorker
-from oddeye.pipeline.scoring import ModelWorker
+from oddeye.frames import Frame
+from oddeye.pipeline.ingest import IngestWorker, TakeResult
+from oddeye.pipeline.scoring import BatchResult, ModelWorker
 
 log = logging.getLogger(__name__)
 
-# Ingest is I/O and decode on threads: many per node, reserved no CPU so they never block
-# scheduling of the model actors; take/ack/stop run concurrently with a waiting take.
-IngestActor = ray.remote(num_cpus=0, max_concurrency=4)(IngestWorker)
-ModelActor = ray.remote(ModelWorker)
+# Waiting OpenMP threads sleep instead of spinning: spinning threads of one actor steal the
+# cores the others (and the other processes of a busy camera server) need.
+ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "OMP_NUM_THREADS": "1"}
+
+
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined in time."""
+
+
+def _node_id() -> str | None:
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class IngestActor(IngestWorker):
+    """An ``IngestWorker`` whose ``take`` puts the frames' pixels in the object store."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)  # decode runs on this actor's reader thread; no pool per actor
+        except Exception:
+            pass
+        super().__init__(*args, **kwargs)
+        self.stats.node_id = _node_id()
+
+    def take(self, max_n: int, timeout_s: float) -> TakeResult:
+        res = super().take(max_n, timeout_s)
+        if res.frames:
+            images = np.stack([f.image for f in res.frames])
+            for f in res.frames:
+                f.image = None  # type: ignore[assignment]
+            res.images = ray.put(images)
+        return res
+
+
+@ray.remote(num_cpus=0)
+class CheckpointStore:
+    """Holds the checkpoint bytes so that model actors fetch them at (re)start by name.
+
+    Passing them as a constructor argument would tie every restart to that argument's object
+    (Ray warns about it with ``max_restarts``); a named holder is fetched afresh each time.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def get(self) -> bytes:
+        return self.data
+
+
+@ray.remote
+class ModelActor(ModelWorker):
+    """A ``ModelWorker`` that loads its checkpoint from a ``CheckpointStore`` and fetches frames by reference."""
+
+    def __init__(self, store_name: str, namespace: str | None, device: str, num_threads: int | None, **kw: Any) -> None:
+        store = ray.get_actor(store_name, namespace=namespace)
+        checkpoint = ray.get(store.get.remote())
+        if num_threads is None:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+            num_threads = max(1, round(cpus)) if cpus else 1
+        super().__init__(checkpoint, device, num_threads, **kw)
+        self.node_id = _node_id()
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "node_id": self.node_id}
+
+    def score_refs(self, frames: list[Frame], parts: list[tuple[Any, list[int]]], want_maps: str) -> BatchResult:
+        """Score frames whose pixels are rows of object-store arrays: ``parts`` = [(ref, rows)]."""
+        arrays = ray.get([ref for ref, _ in parts])
+        images = [a[rows] for a, (_, rows) in zip(arrays, parts, strict=True)]
+        stacked = images[0] if len(images) == 1 else np.concatenate(images)
+        return self.score(frames, stacked, want_maps)
 
 
 def ensure_ray(cfg: RayConfig) -> bool:
-    """Start a local Ray (no address) or join a cluster; returns True if this call started it."""
+    """Start an embedded Ray (no address) or join a named cluster in bounded time.
+
+    Returns True if this call started or joined Ray. With no address this always starts a new
+    local Ray (``address="local"``), never silently joining a cluster that happens to run here.
+    """
     if ray.is_initialized():
         return False
-    # Local embedded Ray: no dashboard, no token prompt, quiet logs.
-    if cfg.address is None:
+    local = cfg.address is None
+    if local:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(
-        address=cfg.address,
-        num_cpus=cfg.num_cpus if cfg.address is None else None,
-        namespace=cfg.namespace,
-        include_dashboard=cfg.include_dashboard,
-        logging_level=logging.WARNING,
-        configure_logging=False,
-    )
-    log.info("ray %s (%s)", "started locally" if cfg.address is None else f"joined {cfg.address}", ray.__version__)
+    kwargs = {
+        "address": "local" if local else cfg.address,
+        "num_cpus": cfg.num_cpus if local else None,
+        "namespace": cfg.namespace,
+        "include_dashboard": cfg.include_dashboard if local else None,
+        "logging_level": logging.WARNING,
+        "configure_logging": False,
+    }
+    errors: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            ray.init(**kwargs)
+        except BaseException as e:  # reported to the caller below
+            errors.append(e)
+
+    t = threading.Thread(target=init, name="ray-init", daemon=True)
+    t.start()
+    t.join(cfg.connect_timeout_s if not local else max(cfg.connect_timeout_s, 120.0))
+    where = "start a local Ray" if local else f"join the Ray cluster at {cfg.address!r}"
+    if t.is_alive():
+        raise RayStartError(
+            f"could not {where} within {cfg.connect_timeout_s:.0f} s (ray.connect_timeout_s); "
+            "is the cluster running and reachable?"
+        )
+    if errors:
+        e = errors[0]
+        raise RayStartError(
+            f"could not {where}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+        )
+    log.info("ray %s (%s)", "started locally" if local else f"joined {cfg.address}", ray.__version__)
     return True
 
 
-def model_actor_options(cfg: ModelConfig, cuda: bool) -> dict:
+def model_actor_options(cfg: ModelConfig, cuda: bool) -> dict[str, Any]:
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if cuda else 0)
-    return {"num_cpus": cfg.num_cpus, "num_gpus": num_gpus, "max_restarts": 3, "max_concurrency": 1}
+    threads = str(cfg.num_threads or max(1, round(cfg.num_cpus)))
+    return {
+        "num_cpus": cfg.num_cpus,
+        "num_gpus": num_gpus,
+        "resources": dict(cfg.resources) or None,
+        "max_restarts": 3,
+        "max_concurrency": 1,
+        "runtime_env": {"env_vars": {**ACTOR_ENV, "OMP_NUM_THREADS": threads}},
+    }
+
+
+def ingest_actor_options(resources: dict[str, float]) -> dict[str, Any]:
+    return {"resources": dict(resources) or None, "runtime_env": {"env_vars": dict(ACTOR_ENV)}}

@@ -16,7 +16,8 @@ from oddeye.config import (
 from oddeye.sinks.base import Sink
 from oddeye.sources.base import Source
 
-_SOURCE_ONLY = {"type", "drop_policy", "queue_size", "replicas"}
+_SOURCE_ONLY = {"type", "drop_policy", "queue_size", "replicas", "resources", "max_cameras", "max_pixels", "allow_skip"}
+"""Fields the pipeline applies around a source (ingest actor, placement, decode limits), not source arguments."""
 
 
 def build_source(cfg: SourceConfig, **overrides: Any) -> Source:

@@ -29,10 +29,17 @@ log = logging.getLogger(__name__)
 DROP_POLICIES = ("drop_oldest", "drop_newest", "block")
 
 
-def prepare_frame(frame: Frame, image_size: tuple[int, int]) -> Frame:
+def _payload_len(image: Any) -> int:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return len(image)
+    return int(getattr(image, "nbytes", 0))
+
+
+def prepare_frame(frame: Frame, image_size: tuple[int, int], max_pixels: int | None = None) -> Frame:
     """Decode (if encoded) and resize a frame to the model's (H, W); raises ``DecodeError``."""
     if isinstance(frame.image, (bytes, bytearray, memoryview)):
-        image = decode_image(frame.image, size_hint=image_size)
+        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+        image = decode_image(frame.image, size_hint=image_size, **kwargs)
     elif isinstance(frame.image, np.ndarray):
         image = as_rgb_uint8(frame.image)
     else:
@@ -63,6 +70,10 @@ class IngestStats:
     source_up: bool = False
     reconnects: int = 0
     lag: dict[str, int] = field(default_factory=dict)
+    oldest_unacked_s: float = 0.0
+    """Age of the oldest frame read and not yet finished (acknowledged or dead-lettered)."""
+    unacked: int = 0
+    node_id: str | None = None
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -70,11 +81,15 @@ class IngestStats:
 
 @dataclass
 class TakeResult:
+    """Frames for the driver. In the Ray pipeline ``frames`` carry no pixels: their images are
+    stacked into one uint8 array [n, H, W, 3] in the object store and ``images`` is its reference."""
+
     frames: list[Frame]
     dead_letters: list[DeadLetter]
     stats: IngestStats
     exhausted: bool
     error: str | None = None
+    images: Any = None
 
 
 class IngestWorker:
@@ -87,9 +102,27 @@ class IngestWorker:
         image_size: tuple[int, int],
         drop_policy: str,
         queue_size: int,
+        max_pixels: int | None = None,
+        max_cameras: int | None = None,
+        camera_idle_s: float = 3600.0,
+        ack_dropped: bool = True,
     ) -> None:
+        """``ack_dropped``: frames dropped by the policy are acknowledged (skipped for good); a
+        Kafka source only allows that with ``allow_skip``. ``max_cameras`` caps the distinct camera
+        ids one source may carry (an untrusted header must not grow state without bound): frames of
+        a new camera past the cap are dead letters; cameras idle for ``camera_idle_s`` are forgotten.
+        """
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy {drop_policy!r}; allowed: {', '.join(DROP_POLICIES)}")
+        self.max_pixels = max_pixels
+        self.max_cameras = max_cameras
+        self.camera_idle_s = camera_idle_s
+        self.ack_dropped = ack_dropped
+        self._cameras: dict[str, float] = {}
+        self._next_token = 0
+        self._held: dict[int, Frame] = {}
+        """Frames handed to the driver and not yet finished, by token, with their original payload."""
+        self._dlq_retry: deque[tuple[Frame, str]] = deque()
         self.make_source = make_source
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.drop_policy = drop_policy
@@ -163,19 +196,34 @@ class IngestWorker:
 
     def _handle(self, frame: Frame) -> None:
         self.stats.ingested += 1
+        with self._cond:
+            frame.meta["_token"] = self._next_token
+            self._next_token += 1
         if frame.meta.get("error"):
             self._push_dead(
                 DeadLetter(frame, str(frame.meta["error"]), reason=frame.meta.get("error_reason", "invalid"))
             )
             return
+        if not self._admit_camera(frame):
+            self._push_dead(
+                DeadLetter(
+                    frame,
+                    f"camera {frame.camera_id[:80]!r} is over this source's max_cameras={self.max_cameras}",
+                    reason="too_many_cameras",
+                )
+            )
+            return
         original = frame.image
         try:
-            prepare_frame(frame, self.image_size)
-        except (DecodeError, ValueError) as e:
+            prepare_frame(frame, self.image_size, self.max_pixels)
+        except Exception as e:  # any decoder failure (cv2.error, a bomb, garbage) is a dead letter
             frame.image = original
             self.stats.decode_errors += 1
-            self._push_dead(DeadLetter(frame, str(e)))
+            msg = str(e) if isinstance(e, (DecodeError, ValueError)) else f"{type(e).__name__}: {e}"
+            self._push_dead(DeadLetter(frame, msg))
             return
+        if isinstance(original, (bytes, bytearray, memoryview)):
+            frame.meta["_original"] = original  # kept (in this actor only) for the dead-letter path
         with self._cond:
             while len(self._queue) >= self.queue_size:
                 if self.drop_policy == "drop_oldest":
@@ -192,10 +240,27 @@ class IngestWorker:
             self.stats.queue_depth = len(self._queue)
             self._cond.notify_all()
 
+    def _admit_camera(self, frame: Frame) -> bool:
+        """Track distinct cameras; refuse a new one past ``max_cameras``; forget idle ones."""
+        now = time.monotonic()
+        cams = self._cameras
+        if frame.camera_id in cams:
+            cams[frame.camera_id] = now
+            return True
+        if self.max_cameras is not None and len(cams) >= self.max_cameras:
+            idle = [c for c, t in cams.items() if now - t > self.camera_idle_s]
+            for c in idle:
+                del cams[c]
+            if len(cams) >= self.max_cameras:
+                return False
+        cams[frame.camera_id] = now
+        return True
+
     def _dropped_by_policy(self, frame: Frame) -> None:
-        """A frame dropped by the configured policy is finished: counted, and acknowledged."""
+        """A frame dropped by the configured policy is counted; acknowledged only where skipping is allowed."""
         self.stats.drop("queue_full")
-        self._safe_source_call("ack", frame)
+        if self.ack_dropped:
+            self._safe_source_call("ack", frame)
 
     def _safe_source_call(self, method: str, *args: Any) -> None:
         try:
@@ -203,9 +268,34 @@ class IngestWorker:
         except Exception:
             log.exception("source %s: %s failed", self.stats.camera_id, method)
 
+    def _route_dead(self, frame: Frame, error: str) -> None:
+        """The source's own dead-letter path (a Kafka DLQ topic), which acknowledges the frame.
+
+        If that path fails (the DLQ broker is away), the frame is retried later: never acked
+        without being recorded, never dropped.
+        """
+        try:
+            ok = self.source.dead_letter(frame, error) if self.source is not None else True
+        except Exception as e:
+            log.warning("source %s: dead-letter routing failed (%s); will retry", self.stats.camera_id, e)
+            ok = False
+        if ok is False:
+            with self._cond:
+                self._dlq_retry.append((frame, error))
+
+    def retry_dead_letters(self) -> None:
+        """Try again to route dead letters whose publication failed (called on each take)."""
+        with self._cond:
+            pending = list(self._dlq_retry)
+            self._dlq_retry.clear()
+        for frame, error in pending:
+            self._route_dead(frame, error)
+
     def _push_dead(self, dead: DeadLetter) -> None:
         # The source's own dead-letter path first (a Kafka DLQ topic), then the driver's sinks.
-        self._safe_source_call("dead_letter", dead.frame, dead.error)
+        self._route_dead(dead.frame, dead.error)
+        dead.frame.meta["payload_bytes"] = _payload_len(dead.frame.image)
+        dead.frame.image = b""  # the driver records the error; the payload stays with the source's DLQ
         with self._cond:
             while len(self._dead) >= self.queue_size and not self._stop.is_set():
                 self._cond.wait(0.1)  # dead letters are never dropped: wait for the driver
@@ -227,6 +317,13 @@ class IngestWorker:
             self.stats.lag = dict(src.lag())
         except Exception:
             log.debug("lag() failed", exc_info=True)
+        with self._cond:
+            oldest = [f.meta.get("t_ingest") for f in (self._queue[0],) if f is not None] if self._queue else []
+            if self._held:
+                oldest.append(next(iter(self._held.values())).meta.get("t_ingest"))
+            ts = [t for t in oldest if t is not None]
+            self.stats.oldest_unacked_s = max(0.0, time.time() - min(ts)) if ts else 0.0
+            self.stats.unacked = len(self._held) + len(self._queue)
 
     # -- driver side
     def take(self, max_n: int, timeout_s: float) -> TakeResult:
@@ -243,14 +340,56 @@ class IngestWorker:
             dead = list(self._dead)
             self._dead.clear()
             self.stats.queue_depth = len(self._queue)
-            exhausted = self._finished and not self._queue and not self._dead
+            exhausted = self._finished and not self._queue and not self._dead and not self._dlq_retry
+            for f in frames:
+                original = f.meta.pop("_original", None)
+                self._held[f.meta["_token"]] = Frame(
+                    f.camera_id, f.seq, f.timestamp, original if original is not None else b"", f.origin, f.meta
+                )
             self._cond.notify_all()
+        if self._dlq_retry:
+            self.retry_dead_letters()
         self._sync_source_skips()
         return TakeResult(frames, dead, self.stats, exhausted, self._error)
 
-    def ack(self, items: list[tuple[str, int, dict[str, Any]]]) -> None:
-        """Acknowledge finished frames by (camera_id, seq, origin) so the source can commit."""
+    def ack(self, tokens: list[int]) -> None:
+        """Acknowledge finished frames (by the token ``take`` gave them) so the source can commit."""
+        with self._cond:
+            frames = [f for f in (self._held.pop(t, None) for t in tokens) if f is not None]
         if self.source is None:
             return
-        for camera_id, seq, origin in items:
-            self.source.ack(Frame(camera_id=camera_id, seq=seq, timestamp=0.0, image=b"", origin=origin))
+        for f in frames:
+            self.source.ack(f)
+
+    def dead_letter(self, items: list[tuple[int, str, str]]) -> list[DeadLetter]:
+        """Frames the model could not score, as (token, error, reason): routed to the source's
+        dead-letter path with their original payload (then acknowledged there). Returns them, without
+        payload, for the driver's sinks."""
+        out = []
+        for token, error, reason in items:
+            with self._cond:
+                frame = self._held.pop(token, None)
+            if frame is None:
+                continue
+            self.stats.dead_letters += 1
+            self._route_dead(frame, error)
+            out.append(
+                DeadLetter(
+                    Frame(
+                        frame.camera_id,
+                        frame.seq,
+                        frame.timestamp,
+                        b"",
+                        frame.origin,
+                        {"payload_bytes": _payload_len(frame.image)},
+                    ),
+                    error,
+                    reason,
+                )
+            )
+        return out
+
+    def pending(self) -> int:
+        """Frames handed out and not yet finished."""
+        with self._cond:
+            return len(self._held)

@@ -38,7 +38,9 @@ class BatchResult:
     """Scores for one batch, in the order of the frames sent."""
 
     scores: np.ndarray
-    anomaly_maps: np.ndarray | None
+    anomaly_maps: dict[int, np.ndarray] | None
+    """uint8 maps (0–255 for scores 0–1) by frame index, only for the frames that asked for one:
+    every frame with ``want_maps="all"``, those scoring at or above ``map_threshold`` otherwise."""
     boxes: list[list[list[float]]] | None
     infer_s: float
     model: str
@@ -49,10 +51,34 @@ class BatchResult:
     """Cumulative per-camera clip buffer resets of this replica, by reason (gap, reorder, resolution)."""
 
 
+def configure_threads(num_threads: int | None) -> int:
+    """Size torch's and OpenCV's thread pools to the CPUs this worker was granted, not the machine's.
+
+    Every actor sizing its pools to every core oversubscribes a busy machine (and OpenMP threads
+    spinning while they wait make it worse: the actors' environment sets OMP_WAIT_POLICY=PASSIVE).
+    """
+    n = max(1, int(num_threads or os.cpu_count() or 1))
+    torch.set_num_threads(n)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:  # OpenCV is optional for scoring
+        pass
+    return n
+
+
 class ModelWorker:
-    def __init__(self, checkpoint: str | bytes, device: str = "auto", num_threads: int | None = None) -> None:
-        """``checkpoint`` is a path or the checkpoint's bytes (how the driver ships it to any node)."""
-        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+    def __init__(
+        self, checkpoint: str | bytes, device: str = "auto", num_threads: int | None = None, map_threshold: float = 0.0
+    ) -> None:
+        """``checkpoint`` is a path or the checkpoint's bytes (how the driver ships it to any node).
+
+        ``map_threshold``: anomaly maps go back only for frames scoring at or above it (the lowest
+        alert threshold: frames that can open or update an alert), unless a call asks for all.
+        """
+        self.num_threads = configure_threads(num_threads)
+        self.map_threshold = float(map_threshold)
         self.device = resolve_device(device)
         self.model = load_model(checkpoint, map_location="cpu").to(self.device).eval()
         self.name = self.model.name
@@ -66,21 +92,26 @@ class ModelWorker:
             "image_size": list(self.image_size),
             "device": str(self.device),
             "is_video": self.model.is_video,
+            "num_threads": self.num_threads,
+            "pid": os.getpid(),
         }
 
-    def images_to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    def images_to_tensor(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+        stacked = images if isinstance(images, np.ndarray) else np.stack(images)
+        batch = torch.from_numpy(np.ascontiguousarray(stacked)).permute(0, 3, 1, 2)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch.float().div_(255.0)
 
-    def _inputs(self, frames: list[Frame]) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+    def _inputs(
+        self, frames: list[Frame], images: np.ndarray | list[np.ndarray]
+    ) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
         """The model's input batch, the indices of the frames it scores, and the frames it skips."""
         if self.clips is None:
-            return self.images_to_tensor([f.image for f in frames]), list(range(len(frames))), {}
+            return self.images_to_tensor(images), list(range(len(frames))), {}
         clips, index, skipped = [], [], {}
         for i, f in enumerate(frames):
-            clip = self.clips.push(f.camera_id, f.seq, f.image)
+            clip = self.clips.push(f.camera_id, f.seq, images[i])
             if clip is None:
                 skipped[i] = "clip_warmup"
             else:
@@ -93,11 +124,20 @@ class ModelWorker:
         return batch.unflatten(0, (len(clips), t)), index, skipped
 
     @torch.inference_mode()
-    def score(self, frames: list[Frame]) -> BatchResult:
+    def score(
+        self, frames: list[Frame], images: np.ndarray | list[np.ndarray] | None = None, want_maps: str = "alerting"
+    ) -> BatchResult:
+        """Score ``frames`` (their pixels in ``images`` [n, H, W, 3] uint8, or in each ``frame.image``).
+
+        ``want_maps``: ``"alerting"`` returns maps for frames at or above ``map_threshold``,
+        ``"all"`` for every frame, ``"none"`` for none.
+        """
         t0 = time.perf_counter()
         resets = dict(self.clips.resets) if self.clips is not None else {}
+        if images is None:
+            images = [f.image for f in frames]
         try:
-            inputs, index, skipped = self._inputs(frames)
+            inputs, index, skipped = self._inputs(frames, images)
             if inputs is None:
                 return BatchResult(
                     np.full(len(frames), np.nan, np.float32), None, None, 0.0, self.name, None, skipped, resets
@@ -112,10 +152,12 @@ class ModelWorker:
             scores = np.full(len(frames), np.nan, np.float32)
             scores[index] = got
             maps = None
-            if pred.anomaly_map is not None:
-                got_maps = (pred.anomaly_map.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-                maps = np.zeros((len(frames), *got_maps.shape[1:]), np.uint8)
-                maps[index] = got_maps
+            if pred.anomaly_map is not None and want_maps != "none":
+                rows = [k for k, j in enumerate(index) if want_maps == "all" or scores[j] >= self.map_threshold]
+                maps = {}
+                if rows:
+                    sel = pred.anomaly_map[rows].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+                    maps = {index[k]: sel[r] for r, k in enumerate(rows)}
             boxes = None
             if pred.boxes is not None:
                 boxes = [[] for _ in frames]

@@ -78,6 +78,21 @@ class Telemetry:
         self.kafka_lag = Gauge(
             f"{p}kafka_consumer_lag", "Messages behind the end of each partition", ["source", "partition"], registry=r
         )
+        self.oldest_unacked = Gauge(
+            f"{p}oldest_unacked_seconds",
+            "Age of the oldest frame read and not yet finished (scored, written and confirmed, or dead-lettered); "
+            "a Kafka offset is committed only past finished frames, so this is how long commits have stalled",
+            ["camera"],
+            registry=r,
+        )
+        self.pending_acks = Gauge(
+            f"{p}pending_acks", "Finished frames waiting for sinks to confirm delivery", registry=r
+        )
+        self.backpressure = Gauge(
+            f"{p}backpressure",
+            "1 while no new frames are taken (a sink or the acks are saturated)",
+            registry=r,
+        )
         self.sink_errors = Counter(f"{p}sink_errors_total", "Failed sink writes", ["sink"], registry=r)
         self.sink_events = Counter(
             f"{p}sink_events_total", "Records handled by sinks, by outcome", ["sink", "outcome"], registry=r

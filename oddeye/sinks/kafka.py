@@ -3,16 +3,16 @@
 Wire format (DESIGN.md): key = camera_id (UTF-8); value = a JSON object with
 ``schema_version`` plus the record fields; headers ``content-type`` and
 ``schema_version``. ``write``/``write_alert`` never block the pipeline: records go into a
-bounded hand-off queue that a background thread feeds to a kafka-python producer
-(acks=all, idempotent, retries, linger). ``flush`` waits until every record written so
-far is acknowledged by the broker and raises ``KafkaSinkError`` otherwise, so the runner
-does not commit the source offsets of frames whose results were not delivered
-(at-least-once). Records whose delivery failed are sent again; records that did not fit
-into the queue are counted in ``dropped`` and make every later ``flush`` fail, so those
-frames are re-delivered after a restart instead of being acknowledged.
+hand-off queue that a background thread feeds to a kafka-python producer (acks=all,
+retries, linger, one request in flight per connection so that each camera's records stay
+in order). Every record gets a sequence number; ``mark()``/``confirmed()`` tell the runner,
+without blocking, how far delivery has got, so source offsets are committed only for frames
+whose results are delivered (at-least-once). Records whose delivery failed are sent again,
+before any later record. Nothing is ever dropped: while the queue holds ``buffer_records``
+or more, ``saturated`` is True and the pipeline stops taking frames (back-pressure), so
+memory stays bounded and commits resume when the broker is back.
 
-A broker that is down at start is logged once and retried with backoff; the sink
-buffers up to ``buffer_records`` records meanwhile. ``security`` options (SASL
+A broker that is down at start is logged once and retried with backoff. ``security`` options (SASL
 passwords, key files) go to the producer and are never logged.
 """
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 _ACKS = {"all": "all", "1": 1, "0": 0, "-1": "all"}
 
-_Record = tuple[str, bytes, bytes]  # topic, key, value
+_Record = tuple[str, bytes, bytes, int]  # topic, key, value, sequence number
 
 
 class KafkaSinkError(RuntimeError):
@@ -49,10 +49,10 @@ def encode_value(record: dict[str, Any]) -> bytes:
 
 
 class KafkaSink(Sink):
-    """Publish scores and alert events to Kafka; ``flush`` confirms delivery (``acknowledges``).
+    """Publish scores and alert events to Kafka; delivery is confirmed asynchronously (``acknowledges``).
 
     Counters: ``sent`` (acknowledged by the broker), ``failed`` (delivery attempts that
-    failed and were re-queued), ``dropped`` (did not fit into the buffer; lost).
+    failed and were re-queued), ``dropped`` (always 0: kept for the metrics' sink outcomes).
     """
 
     acknowledges = True
@@ -88,6 +88,7 @@ class KafkaSink(Sink):
             "retries": retries,
             "linger_ms": linger_ms,
             "max_block_ms": 5_000,
+            "max_in_flight_requests_per_connection": 1,
             "bootstrap_timeout_ms": int(connect_timeout_s * 1000),
             **(producer or {}),
             **(security or {}),
@@ -99,6 +100,9 @@ class KafkaSink(Sink):
         self._producer: Any = None
         self._queue: deque[_Record] = deque()
         self._outstanding = 0  # written and not yet acknowledged by the broker
+        self._next_seq = 0  # records accepted so far
+        self._confirmed = 0  # records 0 .. _confirmed-1 are all delivered
+        self._done: set[int] = set()  # delivered records above _confirmed
         self._cond = threading.Condition()
         self._closing = threading.Event()
         self._last_error: str | None = None
@@ -125,13 +129,21 @@ class KafkaSink(Sink):
         if self.alerts_topic:
             self._put([(self.alerts_topic, alert.camera_id.encode(), encode_value(alert.record()))])
 
+    def mark(self) -> int:
+        with self._cond:
+            return self._next_seq
+
+    def confirmed(self) -> int:
+        with self._cond:
+            return self._confirmed
+
+    @property
+    def saturated(self) -> bool:
+        with self._cond:
+            return self._outstanding >= self.buffer_records
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every record written so far is acknowledged; raise ``KafkaSinkError`` if not."""
-        if self.dropped:
-            raise KafkaSinkError(
-                f"{self.dropped} record(s) did not fit into the Kafka sink's buffer and were lost; "
-                "offsets stay uncommitted so the frames are re-delivered after a restart"
-            )
         deadline = time.monotonic() + (self.flush_timeout_s if timeout_s is None else timeout_s)
         with self._cond:
             if self._outstanding == 0:
@@ -181,21 +193,12 @@ class KafkaSink(Sink):
         with self._cond:
             return len(self._queue)
 
-    def _put(self, records: list[_Record]) -> None:
+    def _put(self, records: list[tuple[str, bytes, bytes]]) -> None:
+        """Accept records (never dropped; ``saturated`` asks the pipeline to stop feeding)."""
         with self._cond:
-            room = self.buffer_records - len(self._queue)
-            if room < len(records):
-                lost = len(records) - max(room, 0)
-                if not self.dropped:
-                    log.error(
-                        "kafka sink buffer full (%d records, broker %s): dropping results; "
-                        "offsets will not be committed",
-                        self.buffer_records,
-                        self.bootstrap_servers,
-                    )
-                self.dropped += lost
-                records = records[: max(room, 0)]
-            self._queue.extend(records)
+            for topic, key, value in records:
+                self._queue.append((topic, key, value, self._next_seq))
+                self._next_seq += 1
             self._outstanding += len(records)
             self._cond.notify_all()
 
@@ -244,7 +247,7 @@ class KafkaSink(Sink):
                     continue
                 record = self._queue.popleft()
                 self._cond.notify_all()
-            topic, key, value = record
+            topic, key, value, _seq = record
             try:
                 future = self._producer.send(
                     topic,
@@ -256,23 +259,32 @@ class KafkaSink(Sink):
                 self._requeue(record, f"{type(exc).__name__}: {exc}")
                 self._closing.wait(0.2)
                 continue
-            future.add_callback(self._delivered)
+            future.add_callback(self._delivered, record[3])
             future.add_errback(self._undelivered, record)
 
-    def _delivered(self, _metadata: Any) -> None:
+    def _delivered(self, seq: int, _metadata: Any) -> None:
         with self._cond:
             self.sent += 1
             self._outstanding -= 1
+            self._done.add(seq)
+            while self._confirmed in self._done:
+                self._done.discard(self._confirmed)
+                self._confirmed += 1
             self._cond.notify_all()
 
-    def _undelivered(self, exc: BaseException, record: _Record) -> None:
+    def _undelivered(self, record: _Record, exc: BaseException) -> None:
+        # kafka-python calls errbacks as f(*bound_args, exception)
         self.failed += 1
         if self.failed == 1 or self.failed % 1000 == 0:
             log.warning("kafka sink: delivery to %s failed (%d so far): %s; resending", record[0], self.failed, exc)
         self._requeue(record, f"{type(exc).__name__}: {exc}")
 
     def _requeue(self, record: _Record, error: str) -> None:
+        """Put a failed record back ahead of later ones (in sequence order), to be sent again."""
         with self._cond:
             self._last_error = error
-            self._queue.appendleft(record)
+            i = 0
+            while i < len(self._queue) and self._queue[i][3] < record[3]:
+                i += 1
+            self._queue.insert(i, record)
             self._cond.notify_all()

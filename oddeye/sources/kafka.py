@@ -424,9 +424,18 @@ class KafkaSource(Source):
         self._set_up(True, None)
         lag: dict[str, int] = {}
         for tp, end in ends.items():
+            # Lag counts from the committed offset: a frame delivered but not yet scored and
+            # written is not done, and a stalled commit must show as growing lag.
             with self._track_lock:
                 part = self._parts.get((tp.topic, tp.partition))
-                pos = part.next_offset if part is not None else None
+                pos = part.committed if part is not None else None
+                if part is not None and pos is None and part.order:
+                    pos = part.order[0]  # nothing committed by us yet: everything from the first delivered
+            if pos is None:
+                try:
+                    pos = self._consumer.committed(tp)
+                except Exception:
+                    pos = None
             if pos is None:
                 try:
                     pos = self._consumer.position(tp, timeout_ms=500)
@@ -524,11 +533,11 @@ class KafkaSource(Source):
             if part is not None and offset in part.pending:
                 part.done.add(offset)
 
-    def dead_letter(self, frame: Frame, error: str) -> None:
+    def dead_letter(self, frame: Frame, error: str) -> bool:
         """Publish the original message plus an ``error`` header to ``dlq_topic``, then mark it done.
 
-        If the dead-letter topic cannot be written, the offset stays uncommitted: the message
-        is re-delivered after a restart rather than lost.
+        Returns False when the dead-letter topic cannot be written: the offset stays uncommitted
+        and the caller retries later (the message is never acked without being recorded).
         """
         if self.dlq_topic and frame.origin.get("topic") is not None:
             try:
@@ -541,8 +550,9 @@ class KafkaSource(Source):
                     self.dlq_topic,
                     e,
                 )
-                return
+                return False
         self.ack(frame)
+        return True
 
     def _publish_dead_letter(self, frame: Frame, error: str) -> None:
         if self._producer is None:
