@@ -109,6 +109,9 @@ class ImagesSourceConfig(_SourceBase):
     camera_id: str | None = None
     recursive: bool = False
     loop: bool = False
+    alert_per_image: bool = True
+    """Each image is its own event (an alert per image at or above the threshold; min_frames and
+    cooldown_s do not apply). false: the folder is a stream in path order, timed by the files' mtimes."""
 
 
 class KafkaSourceConfig(_SourceBase):

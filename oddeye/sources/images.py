@@ -1,9 +1,17 @@
-"""Frames from a folder of image files, in path order, as raw encoded bytes."""
+"""Frames from a folder of image files, in path order, as raw encoded bytes.
+
+A folder is not live time: reading 50 files takes a fraction of a second, so the read time
+says nothing about when a picture was taken. A frame's ``timestamp`` is therefore the file's
+own modification time (``st_mtime``, Unix seconds), and with ``alert_per_image`` (the
+default) each image is its own event (``meta["still"]``): the alert logic opens and closes
+an alert for every image at or above the threshold, without ``min_frames`` or ``cooldown_s``,
+which describe streams in time. Set ``alert_per_image: false`` for a folder of frames that
+form a stream (e.g. extracted from a video); runs and cooldowns then count in file time.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +28,9 @@ log = logging.getLogger(__name__)
 class ImageFolderSource(Source):
     """Each image file in a folder becomes one frame whose ``image`` is the file's bytes.
 
+    ``timestamp`` is the file's modification time; ``meta["still"]`` (with ``alert_per_image``)
+    makes each image its own alert event.
+
     Decoding is left to the ingest stage, which decodes at the size the model needs and
     counts undecodable files there. The folder is listed once, when the source is built:
     files with other extensions are counted as ``not_an_image``, files that vanish or
@@ -33,6 +44,7 @@ class ImageFolderSource(Source):
         recursive: bool = False,
         loop: bool = False,
         extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
+        alert_per_image: bool = True,
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -43,6 +55,7 @@ class ImageFolderSource(Source):
         self.camera_id = camera_id or self.path.resolve().name
         self.recursive = recursive
         self.loop = loop
+        self.alert_per_image = alert_per_image
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
 
         candidates = sorted(p for p in (self.path.rglob("*") if recursive else self.path.iterdir()) if p.is_file())
@@ -62,6 +75,7 @@ class ImageFolderSource(Source):
             yielded = 0
             for file in self.files:
                 try:
+                    mtime = file.stat().st_mtime
                     data = file.read_bytes()
                 except OSError as exc:
                     log.warning("cannot read %s: %s", file, exc)
@@ -70,9 +84,10 @@ class ImageFolderSource(Source):
                 yield Frame(
                     camera_id=self.camera_id,
                     seq=seq,
-                    timestamp=time.time(),
+                    timestamp=mtime,
                     image=data,
                     origin={"source": "images", "path": str(file)},
+                    meta={"still": True} if self.alert_per_image else {},
                 )
                 seq += 1
                 yielded += 1
@@ -90,4 +105,5 @@ class ImageFolderSource(Source):
             "files": len(self.files),
             "recursive": self.recursive,
             "loop": self.loop,
+            "alert_per_image": self.alert_per_image,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from oddeye.frames import DecodeError, decode_image, encode_jpeg
 from oddeye.sources.base import SourceError
 from oddeye.sources.images import ImageFolderSource
+
+T_FILES = 1_700_000_000.0
 
 
 def _png(path: Path, level: int) -> bytes:
@@ -35,7 +38,6 @@ def folder(tmp_path: Path) -> Path:
 def test_yields_every_image_in_path_order(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="oddeye.sources.images"):
         src = ImageFolderSource(str(folder))
-    start = time.time()
     frames = list(src)
     assert len(frames) == 4
     assert src.skipped == {"not_an_image": 1}
@@ -48,7 +50,8 @@ def test_yields_every_image_in_path_order(folder: Path, caplog: pytest.LogCaptur
         assert isinstance(f.image, bytes)
         assert f.image == (folder / f"img_{i:03d}.png").read_bytes()
         assert decode_image(f.image)[0, 0, 0] == 40 * i
-        assert start - 1 <= f.timestamp <= time.time()
+        assert f.timestamp == (folder / f"img_{i:03d}.png").stat().st_mtime  # the file's time, not the read time
+        assert f.meta == {"still": True}
 
 
 def test_recursive_loop_extensions_and_camera_id(folder: Path) -> None:
@@ -107,3 +110,35 @@ def test_folder_without_images_names_folder_and_extensions(tmp_path: Path) -> No
 def test_missing_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no-such-dir"):
         ImageFolderSource(str(tmp_path / "no-such-dir"))
+
+
+def test_file_times_and_an_alert_per_image(tmp_path: Path) -> None:
+    """24 defective images in a row, read within a fraction of a second, open 24 alerts; cooldown_s=2 swallows none."""
+    from oddeye.frames import ScoredFrame
+    from oddeye.pipeline.alerts import AlertPolicy, AlertTracker
+
+    defective = set(range(3, 27))
+    for i in range(40):
+        _png(tmp_path / f"part_{i:03d}.png", 200 if i in defective else 10)
+        os.utime(tmp_path / f"part_{i:03d}.png", (T_FILES + 60 * i, T_FILES + 60 * i))  # a part a minute
+    policy = AlertPolicy(min_frames=3, close_frames=5, cooldown_s=2.0, update_interval_s=0)
+
+    def alerts(src: ImageFolderSource) -> list:
+        tracker, events = AlertTracker(policy), []
+        for f in src:
+            score = 0.9 if decode_image(f.image)[0, 0, 0] > 100 else 0.1  # stands in for the model
+            sf = ScoredFrame(f.camera_id, f.seq, f.timestamp, score, score >= 0.5, "m", 1.0, meta=f.meta)
+            events += tracker.update(sf)
+        return events + tracker.close_all()
+
+    t = time.monotonic()
+    frames = list(ImageFolderSource(str(tmp_path)))
+    assert time.monotonic() - t < 5
+    assert [f.timestamp for f in frames] == [T_FILES + 60 * i for i in range(40)]
+    per_image = alerts(ImageFolderSource(str(tmp_path)))
+    opened = [a for a in per_image if a.state == "open"]
+    assert len(opened) == 24 and [a.start_seq for a in opened] == sorted(defective)
+    assert opened[0].started_at == T_FILES + 60 * 3
+    stream = alerts(ImageFolderSource(str(tmp_path), alert_per_image=False))
+    assert [a.state for a in stream] == ["open", "close"]  # one stream run: one alert, timed by file times
+    assert stream[0].started_at == T_FILES + 60 * 3
