@@ -120,14 +120,36 @@ def test_broker_down_at_start_buffers_then_delivers(caplog: pytest.LogCaptureFix
     assert secret not in caplog.text and secret not in repr(sink)
 
 
-def test_overflow_is_counted_and_blocks_commits() -> None:
-    sink = KafkaSink(f"127.0.0.1:{free_port()}", buffer_records=4, connect_timeout_s=0.3)
+def test_full_buffer_is_back_pressure_not_loss_and_order_is_kept() -> None:
+    """A broker outage never drops results: the sink reports ``saturated`` (the runner stops taking
+    frames), confirms nothing, and delivers everything, in order, once the broker is back."""
+    port = free_port()
+    sink = KafkaSink(
+        f"127.0.0.1:{port}",
+        scores_topic="bp-scores",
+        alerts_topic=None,
+        buffer_records=4,
+        connect_timeout_s=0.3,
+        reconnect_max_s=0.5,
+    )
+    broker = None
     try:
         t = time.monotonic()
         sink.write([scored("cam-a", i) for i in range(10)])  # never blocks the pipeline
         assert time.monotonic() - t < 0.5
-        assert sink.dropped == 6
-        with pytest.raises(KafkaSinkError, match="lost"):
+        assert sink.dropped == 0 and sink.saturated
+        assert sink.mark() == 10 and sink.confirmed() == 0
+        with pytest.raises(KafkaSinkError):
             sink.flush(timeout_s=0.2)
+        broker = start_broker(port)
+        deadline = time.monotonic() + 30
+        while sink.confirmed() < 10:
+            assert time.monotonic() < deadline, f"only {sink.confirmed()} of 10 confirmed after the broker came up"
+            time.sleep(0.2)
+        assert not sink.saturated and sink.dropped == 0
+        got = [json.loads(m.value)["seq"] for m in read_all(broker.bootstrap, "bp-scores", 10)]
+        assert got == list(range(10))
     finally:
         sink.close()
+        if broker is not None:
+            broker.stop()
