@@ -33,6 +33,7 @@ __all__ = [
     "coupling_nodes",
     "coupling_stack",
     "fc_subnet",
+    "feature_shapes",
     "gaussian_log_prob",
     "latent_log_likelihood",
     "likelihood_map",
@@ -269,6 +270,19 @@ def likelihood_map(
 
 
 # ----------------------------------------------------------------------------- input checks
+
+
+@torch.no_grad()
+def feature_shapes(extractor: nn.Module, image_size: Sequence[int]) -> list[tuple[int, int, int]]:
+    """[C, h, w] of each feature map the extractor gives for one image of ``image_size`` (a dry run)."""
+    was_training = extractor.training
+    extractor.eval()
+    try:
+        out = extractor(torch.zeros(1, 3, int(image_size[0]), int(image_size[1])))
+    finally:
+        extractor.train(was_training)
+    maps = out.values() if isinstance(out, dict) else out
+    return [tuple(int(d) for d in m.shape[1:]) for m in maps]
 
 
 def check_feature_sizes(
