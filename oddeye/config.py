@@ -405,7 +405,8 @@ SinkConfig = Annotated[
 
 class MetricsConfig(_Section):
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
+    """Interface the metrics endpoint binds; 127.0.0.1 keeps it on this machine. The compose stack sets 0.0.0.0."""
     port: int = Field(9108, ge=0, le=65535)
     """Where ``/metrics`` is served; 0 picks a free port (logged at start)."""
 

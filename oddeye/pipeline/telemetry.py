@@ -31,8 +31,10 @@ PREFIX = "oddeye_"
 SCORE_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DROP_REASONS = ("queue_full",)
-"""Reasons exported at 0 from a camera's first report, so rates exist before the first drop."""
+DROP_REASONS = ("queue_full", "shutdown", "aborted")
+"""Drop reasons exported at 0 for every known camera, so rates exist before the first drop."""
+DEAD_LETTER_REASONS = ("decode_error", "invalid", "model_error", "model_actor_died", "too_many_cameras")
+"""Dead-letter reasons exported at 0 for every known camera (others appear when they first happen)."""
 SINK_OUTCOMES = ("sent", "failed", "dropped")
 """Counters a sink may keep as attributes (Kafka and webhook sinks do); exported as sink_events_total."""
 ALERT_STATES = ("open", "update", "close")
@@ -141,6 +143,55 @@ class Telemetry:
             self.frames_dropped.labels(camera, reason)
         for reason, total in by_reason.items():
             self.add_cumulative(self.frames_dropped, (camera, reason), total)
+
+    def register_camera(self, camera: str, model: str) -> None:
+        """Export every per-camera series at 0 (call it for each configured camera at start).
+
+        Prometheus' ``rate()`` and ``increase()`` need a series before the first event: without
+        this, ``oddeye_dead_letters_total`` would not exist until something had gone wrong.
+        """
+        self.camera_seen(camera, model)
+        self.frames_ingested.labels(camera)
+        self.decode_errors.labels(camera)
+        self.source_reconnects.labels(camera)
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(camera, reason)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(camera, reason)
+
+    def register_sink(self, name: str) -> None:
+        """Export a sink's error and event counters at 0 (``name`` is the sink's class name, as in its labels)."""
+        self.sink_errors.labels(name)
+        for outcome in SINK_OUTCOMES:
+            self.sink_events.labels(name, outcome)
+
+    def forget_camera(self, camera: str) -> int:
+        """Remove every series labelled with ``camera`` (an idle or rebalanced-away camera); how many were removed.
+
+        Keeps the number of series bounded when camera ids come from untrusted message headers.
+        A camera that comes back starts again from 0, which Prometheus counters handle as a reset.
+        """
+        removed = 0
+        for metric in self._camera_metrics():
+            names = metric._labelnames
+            where = [i for i, n in enumerate(names) if n in ("camera", "source")]
+            if not where:
+                continue
+            with metric._lock:
+                keys = [k for k in metric._metrics if any(k[i] == camera for i in where)]
+            for key in keys:
+                metric.remove(*key)
+                removed += 1
+        self._cameras = {cm for cm in self._cameras if cm[0] != camera}
+        self._seen = {k: v for k, v in self._seen.items() if camera not in k[1]}
+        return removed
+
+    def _camera_metrics(self) -> list[Counter | Gauge | Histogram]:
+        return [
+            m
+            for m in vars(self).values()
+            if isinstance(m, (Counter, Gauge, Histogram)) and {"camera", "source"} & set(m._labelnames)
+        ]
 
     def camera_seen(self, camera: str, model: str) -> None:
         """Export a camera's per-camera series at 0 the first time it is scored (cheap after that)."""
