@@ -78,7 +78,10 @@ class ResultHandler:
             t.frames_dropped.labels(f.camera_id, reason).inc()
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
             out.finished.setdefault(f.meta.get("_source", 0), []).append(f.meta["_token"])
-        keep = [i for i in range(len(frames)) if i not in skipped]
+        for i, error in (res.failed or {}).items():
+            f = frames[i]
+            out.dead.setdefault(f.meta.get("_source", 0), []).append((f.meta["_token"], error, "model_error"))
+        keep = [i for i in range(len(frames)) if i not in skipped and i not in (res.failed or {})]
         if not keep:
             return out
         t.batch_size.labels(res.model).observe(len(keep))

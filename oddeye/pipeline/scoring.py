@@ -49,6 +49,9 @@ class BatchResult:
     """Frames (by index) that were not scored, with the reason (a video model's clip still filling)."""
     clip_resets: dict[str, int] = field(default_factory=dict)
     """Cumulative per-camera clip buffer resets of this replica, by reason (gap, reorder, resolution)."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Frames (by index) the model failed on, with the error: they go to the dead-letter path while
+    the rest of the batch is scored (a failing batch is retried frame by frame to find them)."""
 
 
 def configure_threads(num_threads: int | None) -> int:
@@ -163,9 +166,31 @@ class ModelWorker:
                 boxes = [[] for _ in frames]
                 for j, b in zip(index, pred.boxes, strict=True):
                     boxes[j] = b.float().cpu().tolist()
-        except Exception as e:  # one bad batch must not stop the pipeline
+        except Exception as e:  # one bad frame must not stop the pipeline, nor cost its batch
+            if self.clips is None and len(frames) > 1:
+                log.warning(
+                    "model %s failed on a batch of %d (%s); scoring it frame by frame", self.name, len(frames), e
+                )
+                return self._one_by_one(frames, images, want_maps, t0)
             log.exception("model %s failed on a batch of %d", self.name, len(frames))
             return BatchResult(
                 np.zeros(0, np.float32), None, None, time.perf_counter() - t0, self.name, f"{type(e).__name__}: {e}"
             )
         return BatchResult(scores, maps, boxes, time.perf_counter() - t0, self.name, None, skipped, resets)
+
+    def _one_by_one(
+        self, frames: list[Frame], images: np.ndarray | list[np.ndarray], want_maps: str, t0: float
+    ) -> BatchResult:
+        """Score each frame alone, so that only the frames the model fails on are dead letters."""
+        scores = np.full(len(frames), np.nan, np.float32)
+        maps: dict[int, np.ndarray] = {}
+        failed: dict[int, str] = {}
+        for i, f in enumerate(frames):
+            one = self.score([f], images[i : i + 1], want_maps)
+            if one.error is not None:
+                failed[i] = one.error
+                continue
+            scores[i] = one.scores[0]
+            if one.anomaly_maps and 0 in one.anomaly_maps:
+                maps[i] = one.anomaly_maps[0]
+        return BatchResult(scores, maps, None, time.perf_counter() - t0, self.name, None, {}, {}, failed)

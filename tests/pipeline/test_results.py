@@ -109,3 +109,12 @@ def test_skipped_frames_are_counted_and_finished() -> None:
     out = h.handle(frames(2), res)
     assert out.finished == {0: [100, 101]} and [f.seq for f in sink.frames] == [1]
     assert h.dropped == {"clip_warmup": 1}
+
+
+def test_frames_the_model_failed_on_are_dead_letters_and_the_rest_is_scored() -> None:
+    sink = Recorder()
+    h = handler([sink])
+    res = BatchResult(np.array([0.1, np.nan, 0.2], np.float32), {}, None, 0.0, "m", failed={1: "ValueError: bad"})
+    out = h.handle(frames(3), res)
+    assert out.finished == {0: [100, 102]} and out.dead == {0: [(101, "ValueError: bad", "model_error")]}
+    assert [f.seq for f in sink.frames] == [0, 2]

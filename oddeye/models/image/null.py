@@ -1,0 +1,58 @@
+"""``null``: a no-op model for benchmarks and fault injection — it detects nothing.
+
+It scores every frame the same low value and fits instantly, so a pipeline run with it
+measures oddeye's own overhead (decode, transport, batching, results) against the decode
+limit (``benchmarks/pipeline_ceiling.py``). With ``fail_marker: true`` it raises on frames
+carrying a marker (a magenta top-left block), which is how the fault-injection benchmark
+(``benchmarks/chaos.py``) and the tests make a model fail on chosen frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from oddeye.models.base import AnomalyModel
+from oddeye.models.registry import register
+
+__all__ = ["MARKER_COLOUR", "NullModel", "add_fail_marker"]
+
+MARKER_COLOUR = (255, 0, 255)
+MARKER_FRACTION = 8  # the marker is the top-left (H/8 × W/8) block, so it survives resizing and JPEG
+
+
+class MarkedFrameError(ValueError):
+    """Raised by ``null`` with ``fail_marker`` on a marked frame (fault injection)."""
+
+
+def add_fail_marker(image: np.ndarray) -> np.ndarray:
+    """Paint the marker on an H×W×3 uint8 RGB image (a copy) so that ``null(fail_marker=True)`` raises on it."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    out[: max(4, h // MARKER_FRACTION), : max(4, w // MARKER_FRACTION)] = MARKER_COLOUR
+    return out
+
+
+@register("null")
+class NullModel(AnomalyModel):
+    """A no-op benchmark model: scores every frame alike and detects nothing (benchmarks and fault injection)."""
+
+    def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256), fail_marker: bool = False) -> None:
+        super().__init__(image_size=image_size)
+        self.fail_marker = bool(fail_marker)
+
+    def _fit_normal(self, batches: Iterable[torch.Tensor], progress: bool) -> None:
+        for _ in batches:
+            pass
+
+    def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if self.fail_marker:
+            h, w = images.shape[-2:]
+            block = images[:, :, : max(2, h // (2 * MARKER_FRACTION)), : max(2, w // (2 * MARKER_FRACTION))]
+            mean = block.float().mean(dim=(2, 3))
+            marked = (mean[:, 0] > 0.8) & (mean[:, 1] < 0.2) & (mean[:, 2] > 0.8)
+            if bool(marked.any()):
+                raise MarkedFrameError(f"null: marked frame(s) at batch index {marked.nonzero().flatten().tolist()}")
+        return torch.zeros(images.shape[0], device=images.device), None
