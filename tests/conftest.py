@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 
 # Tests never download: hubs are unreachable and a test must not depend on them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +16,34 @@ from pathlib import Path
 import pytest
 
 from oddeye.config import parse_config
+
+
+def in_ci() -> bool:
+    """True on CI (``CI=true``), where a test's real part (a binary, an extra) must be there."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _missing(what: str, hint: str) -> None:
+    message = f"{what} is not installed ({hint}; scripts/install-test-deps.sh installs it)"
+    if in_ci():
+        pytest.fail(f"{message}: with CI=true a missing real part fails instead of skipping", pytrace=False)
+    pytest.skip(message)
+
+
+def require_binary(name: str, hint: str = "") -> str:
+    """The path of executable ``name``; skip the test without it, or fail it on CI."""
+    path = shutil.which(name)
+    if path is None:
+        _missing(f"{name!r}", hint or f"install the package that provides {name}")
+    assert path is not None
+    return path
+
+
+def require_module(name: str, hint: str = "") -> None:
+    """Skip the test when Python module ``name`` is missing, or fail it on CI."""
+    if importlib.util.find_spec(name) is None:
+        _missing(f"Python module {name!r}", hint or f"pip install {name}")
+
 
 TINY_MODEL = {
     "name": "padim",

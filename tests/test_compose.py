@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-COMPOSE = shutil.which("docker-compose")
+from tests.conftest import require_binary
 
-needs_compose = pytest.mark.skipif(COMPOSE is None, reason="docker-compose not installed")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(*args: str) -> dict:
-    assert COMPOSE is not None
+    compose = require_binary("docker-compose", "Debian package docker-compose")
     r = subprocess.run(
-        [COMPOSE, "-f", str(REPO / "docker-compose.yml"), *args, "config"],
+        [compose, "-f", str(REPO / "docker-compose.yml"), *args, "config"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -36,14 +33,12 @@ def _mount(volume: str | dict) -> tuple[str, str]:
     return target, source
 
 
-@needs_compose
 def test_compose_config_is_valid() -> None:
-    assert COMPOSE is not None
-    r = subprocess.run([COMPOSE, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    compose = require_binary("docker-compose", "Debian package docker-compose")
+    r = subprocess.run([compose, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
 
-@needs_compose
 def test_stack_services_and_wiring() -> None:
     services = compose_config()["services"]
     assert {"kafka", "mediamtx", "camera", "oddeye", "prometheus", "grafana"} <= set(services)
@@ -59,6 +54,7 @@ def test_stack_services_and_wiring() -> None:
     assert oddeye["build"]["args"]["TORCH_INDEX"].endswith("/cpu")
     assert any("rtsp://mediamtx:8554/cam" in a for a in oddeye["command"])
     assert any('"type": "kafka"' in a and "kafka:9092" in a for a in oddeye["command"])
+    assert "metrics.host=0.0.0.0" in oddeye["command"]  # oddeye binds 127.0.0.1 unless told otherwise
     camera = " ".join(services["camera"]["command"])
     assert "rtsp://mediamtx:8554/cam" in camera and "-stream_loop -1" in camera
     # Prometheus scrapes the service by name on the metrics port oddeye serves
@@ -68,7 +64,6 @@ def test_stack_services_and_wiring() -> None:
     assert targets == [f"oddeye:{oddeye['environment']['ODDEYE_METRICS_PORT']}"]
 
 
-@needs_compose
 def test_gpu_profile_reserves_a_gpu() -> None:
     services = compose_config("--profile", "gpu")["services"]
     gpu = services["oddeye-gpu"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from oddeye.config import parse_config
 from oddeye.pipeline.runner import Pipeline
 from oddeye.pipeline.telemetry import Telemetry
-from tests.conftest import tiny_config
+from tests.conftest import require_binary, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "configs" / "grafana" / "dashboards").glob("*.json"))
@@ -115,15 +114,15 @@ def test_dashboards_cover_what_operators_need() -> None:
     assert annotations, "the score timeline needs alert annotations"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_every_expression_parses(tmp_path: Path) -> None:
+    promtool = require_binary("promtool", "Debian package prometheus")
     rules = []
     for source, exprs in all_exprs().items():
         for i, expr in enumerate(exprs):
             rules.append({"record": f"check:{re.sub(r'[^a-z0-9]', '_', source)}:{i}", "expr": substitute(expr)})
     path = tmp_path / "exprs.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "exprs", "rules": rules}]}))
-    r = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

