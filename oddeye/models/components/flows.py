@@ -27,6 +27,7 @@ from torch.nn.functional import interpolate
 __all__ = [
     "LOG_2PI",
     "SubnetConstructor",
+    "aggregate_maps",
     "alternating_kernel_sizes",
     "check_feature_sizes",
     "conv_subnet",
@@ -236,6 +237,23 @@ def latent_log_likelihood(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * z.pow(2).mean(dim=1)
 
 
+def aggregate_maps(maps: Sequence[torch.Tensor], size: Sequence[int], aggregate: str = "mean") -> torch.Tensor:
+    """Per-scale maps [B, h_i, w_i] → [B, H, W]: each upsampled bilinearly to ``size``, then mean, sum or product."""
+    if aggregate not in _AGGREGATIONS:
+        raise ValueError(f"aggregate must be one of {_AGGREGATIONS}, got {aggregate!r}")
+    if not maps:
+        raise ValueError("at least one scale is needed")
+    size = tuple(int(s) for s in size)
+    stacked = torch.cat(
+        [interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False) for m in maps], dim=1
+    )
+    if aggregate == "mean":
+        return stacked.mean(dim=1)
+    if aggregate == "sum":
+        return stacked.sum(dim=1)
+    return stacked.prod(dim=1)
+
+
 def likelihood_map(
     log_likelihoods: Sequence[torch.Tensor],
     size: Sequence[int],
@@ -249,24 +267,8 @@ def likelihood_map(
     ``size`` and the scales are aggregated (``mean``, ``sum`` or ``prod``); the map is the
     negated aggregate, so unlikely positions score high.
     """
-    if aggregate not in _AGGREGATIONS:
-        raise ValueError(f"aggregate must be one of {_AGGREGATIONS}, got {aggregate!r}")
-    if not log_likelihoods:
-        raise ValueError("likelihood_map needs at least one scale")
-    ups = []
-    for i, ll in enumerate(log_likelihoods):
-        if shift is not None:
-            ll = ll - shift[i]
-        prob = torch.exp(ll).unsqueeze(1)
-        ups.append(interpolate(prob, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False))
-    stacked = torch.cat(ups, dim=1)
-    if aggregate == "mean":
-        agg = stacked.mean(dim=1)
-    elif aggregate == "sum":
-        agg = stacked.sum(dim=1)
-    else:
-        agg = stacked.prod(dim=1)
-    return -agg
+    probs = [torch.exp(ll if shift is None else ll - shift[i]) for i, ll in enumerate(log_likelihoods)]
+    return -aggregate_maps(probs, size, aggregate)
 
 
 # ----------------------------------------------------------------------------- input checks
