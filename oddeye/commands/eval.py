@@ -3,7 +3,9 @@
 DIR is one image category (MVTec AD, VisA or folder layout), a folder of categories, or
 video datasets (UCSD Ped2, CUHK Avenue, ShanghaiTech layouts, or ``data synth``'s scenes).
 Each category uses its own checkpoint (``model.checkpoint`` with ``{category}`` replaced,
-or ``-<category>`` added) and is fitted first when that checkpoint is missing.
+or ``-<category>`` added when DIR holds several) and is fitted first when that checkpoint is
+missing: on every training image, normalised on held-out folds (``AnomalyModel.fit``).
+AUROC and the other rankings use the unsaturated scores (see ``oddeye.evaluation.evaluate``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ HELP = "image/pixel AUROC, AUPRO, F1-max per category (frame AUROC for video) on
 
 log = logging.getLogger(__name__)
 
-IMAGE_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold")
+IMAGE_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "normal_over_half")
 VIDEO_COLUMNS = ("frame_auroc_micro", "frame_auroc_macro")
 WORST_K = 5
 
@@ -70,13 +72,13 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- fitting / loading
 
 
-def _model_for(cfg: Any, name: str, refit: bool, fit_images: Any) -> tuple[Any, float | None]:
+def _model_for(cfg: Any, name: str, refit: bool, fit_images: Any, several: bool = True) -> tuple[Any, float | None]:
     """The category's fitted model: loaded from its checkpoint, or fitted (``fit_images()``) and saved."""
     from oddeye.models.base import load_model
     from oddeye.pipeline.fit import category_checkpoint
     from oddeye.pipeline.scoring import resolve_device
 
-    ckpt = category_checkpoint(cfg.model.checkpoint, name)
+    ckpt = category_checkpoint(cfg.model.checkpoint, name, several)
     if ckpt.is_file() and not refit:
         log.info("eval: %s: loading %s", name, ckpt)
         model = load_model(ckpt, expect=cfg.model.name)
@@ -96,7 +98,8 @@ def _eval_images(cfg: Any, args: argparse.Namespace) -> dict[str, dict[str, Any]
     size = tuple(cfg.model.image_size)
     device = resolve_device(cfg.model.device)
     results: dict[str, dict[str, Any]] = {}
-    for cat in find_categories(args.data):
+    categories = find_categories(args.data)
+    for cat in categories:
         log.info("eval: %s", cat.describe())
         for note in cat.notes:
             log.info("eval: %s: %s", cat.name, note)
@@ -107,7 +110,7 @@ def _eval_images(cfg: Any, args: argparse.Namespace) -> dict[str, dict[str, Any]
                 paths = paths[:: math.ceil(len(paths) / cfg.fit.max_frames)]
             return fit_images(cfg, load_images(paths, size), ckpt)[0]
 
-        model, fit_s = _model_for(cfg, cat.name, args.refit, fit)
+        model, fit_s = _model_for(cfg, cat.name, args.refit, fit, len(categories) > 1)
         result, scored = evaluate_category(model, cat, size, cfg.fit.batch_size, device)
         result.fit_seconds = fit_s
         results[cat.name] = result.record()
@@ -123,41 +126,41 @@ def _eval_video(cfg: Any, args: argparse.Namespace) -> dict[str, dict[str, Any]]
     from oddeye.data.video import find_video_datasets
     from oddeye.evaluation.evaluate import evaluate_video, is_video_model, video_windows
     from oddeye.models.base import create_model, get_model_class
-    from oddeye.pipeline.fit import fit_images
+    from oddeye.pipeline.fit import fit_images, holdout_folds
     from oddeye.pipeline.scoring import resolve_device
 
     size = tuple(cfg.model.image_size)
     device = resolve_device(cfg.model.device)
     video_model = bool(getattr(get_model_class(cfg.model.name), "is_video", False))
     results: dict[str, dict[str, Any]] = {}
-    for ds in find_video_datasets(args.data):
+    datasets = find_video_datasets(args.data)
+    for ds in datasets:
         log.info("eval: %s", ds.describe())
 
         def fit(ckpt: Path, ds: Any = ds) -> Any:
+            # Every training frame (window) is learnt from; the normalisation comes from held-out
+            # folds of whole training videos (AnomalyModel.fit), never from frames of the same video.
+            clips = [c.load(size) for c in ds.train]
             if video_model:
-                # Windows of clip_length frames, never across clips; every 5th for normalisation.
+                # Windows of clip_length frames, never across clips, each naming its video.
                 model = create_model(cfg.model.name, image_size=size, **cfg.model.params).to(device)
-                clips = [c.load(size) for c in ds.train]
                 windows = video_windows(clips, int(getattr(model, "clip_length", 1)), cfg.fit.batch_size, device)
                 starts = windows.starts
                 if len(starts) > cfg.fit.max_frames:
                     starts = [starts[i] for i in np.linspace(0, len(starts) - 1, cfg.fit.max_frames).astype(int)]
-                every = max(2, round(1 / cfg.fit.val_fraction))
-                train = [s for i, s in enumerate(starts) if i % every]
-                val = [s for i, s in enumerate(starts) if not i % every]
-                length, bs = windows.length, cfg.fit.batch_size
-                model.fit(
-                    video_windows(clips, length, bs, device, train), video_windows(clips, length, bs, device, val)
-                )
+                train = video_windows(clips, windows.length, cfg.fit.batch_size, device, starts, with_video=True)
+                model.fit(train, folds=holdout_folds(cfg))
                 model.save(ckpt)
                 return model
             # An image model learns from the training clips' frames, evenly spread over all clips.
-            frames = np.concatenate([c.load(size) for c in ds.train])
+            frames = np.concatenate(clips)
+            videos = np.concatenate([np.full(len(c), i) for i, c in enumerate(clips)])
             if len(frames) > cfg.fit.max_frames:
-                frames = frames[np.linspace(0, len(frames) - 1, cfg.fit.max_frames).round().astype(int)]
-            return fit_images(cfg, frames, ckpt)[0]
+                keep = np.linspace(0, len(frames) - 1, cfg.fit.max_frames).round().astype(int)
+                frames, videos = frames[keep], videos[keep]
+            return fit_images(cfg, frames, ckpt, videos=videos)[0]
 
-        model, fit_s = _model_for(cfg, ds.name, args.refit, fit)
+        model, fit_s = _model_for(cfg, ds.name, args.refit, fit, len(datasets) > 1)
         if not is_video_model(model):
             log.info("eval: %s is an image model: scoring every frame on its own", cfg.model.name)
         result = evaluate_video(model, ds, size, cfg.fit.batch_size, device)

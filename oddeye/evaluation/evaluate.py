@@ -1,7 +1,11 @@
 """Scoring a model on a dataset and computing its metrics: one category, or one video dataset.
 
 Image models are any ``AnomalyModel``: ``forward(images [B, 3, H, W])`` → ``Prediction``
-with normalised ``score`` and ``anomaly_map``. Video datasets work with two kinds of model:
+with normalised ``score`` and ``anomaly_map``. Rankings (AUROC, pixel AUROC, AUPRO, F1-max)
+use the model's unsaturated ``logits`` in float64 where it has them: the [0, 1] score
+saturates at 1.0 in float32, so clear anomalies and the worst normal images would tie.
+The [0, 1] score still gives the calibration columns (share of normal / anomalous test
+images at or above 0.5, the alert threshold). Video datasets work with two kinds of model:
 
 - an image model scores every frame on its own (it is fitted on the training clips' frames);
 - a video model (``is_video = True``, a ``VideoAnomalyModel``) scores windows of
@@ -9,7 +13,9 @@ with normalised ``score`` and ``anomaly_map``. Video datasets work with two kind
   score is the score of its last frame, and the first ``clip_length - 1`` frames of a clip
   take the first window's score. It is fitted on such windows of the training clips
   (``video_windows``), never mixing clips. A model may instead provide
-  ``score_clip(frames uint8 [T, 3, H, W]) -> [T]`` to score a whole clip itself.
+  ``score_clip(frames uint8 [T, 3, H, W]) -> [T]`` to score a whole clip itself, and
+  ``smooth_frame_scores(scores [T]) -> [T]`` to smooth a clip's frame scores over time
+  (AI-VAD's ``temporal_smoothing``, as its authors evaluate).
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class CategoryResult:
     f1_max: float
     threshold: float
     n_test: int
+    normal_over_half: float
+    """Share of normal test images scored at or above 0.5 (false alerts at the default threshold)."""
+    anomalous_over_half: float
+    """Share of anomalous test images scored at or above 0.5 (recall at the default threshold)."""
     n_anomalous: int
     frames_per_s: float = 0.0
     fit_seconds: float | None = None
@@ -64,7 +74,8 @@ class CategoryResult:
 
 @dataclass
 class ImageScores:
-    """What scoring a test set gives: normalised scores [N], maps [N, H, W] or None, masks, labels."""
+    """What scoring a test set gives: normalised scores [N], maps [N, H, W] or None, masks, labels,
+    and the unsaturated ranking values (``logits`` [N] float64)."""
 
     scores: np.ndarray
     maps: np.ndarray | None
@@ -72,6 +83,7 @@ class ImageScores:
     masks: np.ndarray | None
     images: np.ndarray
     paths: list[Path] = field(default_factory=list)
+    logits: np.ndarray | None = None
 
 
 @dataclass
@@ -100,19 +112,35 @@ def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> Itera
         yield torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).to(device)
 
 
+def ranking_output(model: AnomalyModel, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores [B] and maps to rank by: the model's float64 ``logits`` when it has them, else ``forward``'s."""
+    if hasattr(model, "logits"):
+        return model.logits(batch)
+    pred = model(batch)
+    return pred.score, pred.anomaly_map
+
+
+def normalised(logits: np.ndarray, model: AnomalyModel) -> np.ndarray:
+    """The [0, 1] scores ``forward`` gives, from ``ranking_output``'s values (float64, so unsaturated)."""
+    if not hasattr(model, "logits"):
+        return logits
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow warnings
+
+
 @torch.no_grad()
 def score_images(
     model: AnomalyModel, images: np.ndarray, batch_size: int = 16, device: torch.device | str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Normalised scores [N], maps [N, H, W] (or None) and frames/s for uint8 images [N, H, W, 3]."""
+    """Ranking scores [N] and maps [N, H, W] (or None), float64 (``ranking_output``), and frames/s
+    for uint8 images [N, H, W, 3]."""
     device = torch.device(device)
     scores, maps = [], []
     t0 = time.perf_counter()
     for batch in _batches(images, batch_size, device):
-        pred = model(batch)
-        scores.append(pred.score.float().cpu().numpy())
-        if pred.anomaly_map is not None:
-            maps.append(pred.anomaly_map.float().cpu().numpy())
+        score, amap = ranking_output(model, batch)
+        scores.append(score.double().cpu().numpy())
+        if amap is not None:
+            maps.append(amap.double().cpu().numpy())
     seconds = time.perf_counter() - t0
     score = np.concatenate(scores)
     bad = ~np.isfinite(score)
@@ -129,11 +157,17 @@ def evaluate_category(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
 ) -> tuple[CategoryResult, ImageScores]:
-    """Score the category's test set and compute image AUROC, F1-max and (with masks) pixel AUROC and AUPRO."""
+    """Score the category's test set and compute image AUROC, F1-max and (with masks) pixel AUROC and AUPRO.
+
+    Rankings use the unsaturated values (``score_images``); ``threshold`` (F1-max's) and the
+    calibration columns are on the [0, 1] scale alerts use.
+    """
     images = load_images([s.path for s in category.test], image_size)
     labels = np.array([s.label for s in category.test], bool)
     score, amap, fps = score_images(model, images, batch_size, device)
-    f1, threshold = f1_max(score, labels)
+    f1, rank_threshold = f1_max(score, labels)
+    threshold = float(normalised(np.array([rank_threshold]), model)[0])
+    unit = normalised(score, model)
     pix = pro = None
     masks = None
     if category.has_masks and amap is not None:
@@ -149,10 +183,14 @@ def evaluate_category(
         f1_max=f1,
         threshold=threshold,
         n_test=int(labels.size),
+        normal_over_half=float((unit[~labels] >= 0.5).mean()) if (~labels).any() else 0.0,
+        anomalous_over_half=float((unit[labels] >= 0.5).mean()) if labels.any() else 0.0,
         n_anomalous=int(labels.sum()),
         frames_per_s=fps,
     )
-    return result, ImageScores(score, amap, labels, masks, images, [s.path for s in category.test])
+    unit_maps = None if amap is None else normalised(amap, model).astype(np.float32)
+    paths = [s.path for s in category.test]
+    return result, ImageScores(unit, unit_maps, labels, masks, images, paths, logits=score)
 
 
 class video_windows:  # noqa: N801 - used like a function, re-iterable like a loader
@@ -168,7 +206,9 @@ class video_windows:  # noqa: N801 - used like a function, re-iterable like a lo
         batch_size: int,
         device: torch.device | str = "cpu",
         starts: list[tuple[int, int]] | None = None,
+        with_video: bool = False,
     ) -> None:
+        self.with_video = with_video
         self.clips = clips
         self.length = length
         self.batch_size = batch_size
@@ -182,26 +222,33 @@ class video_windows:  # noqa: N801 - used like a function, re-iterable like a lo
     def __len__(self) -> int:
         return (len(self.starts) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        """Windows [B, length, 3, H, W]; with ``with_video``, ``{"image": windows, "video": clip index [B]}``."""
         for i in range(0, len(self.starts), self.batch_size):
-            chunk = [self.clips[c][t : t + self.length] for c, t in self.starts[i : i + self.batch_size]]
-            yield torch.from_numpy(np.stack(chunk)).permute(0, 1, 4, 2, 3).to(self.device)
+            starts = self.starts[i : i + self.batch_size]
+            chunk = [self.clips[c][t : t + self.length] for c, t in starts]
+            windows = torch.from_numpy(np.stack(chunk)).permute(0, 1, 4, 2, 3).to(self.device)
+            yield {"image": windows, "video": torch.tensor([c for c, _ in starts])} if self.with_video else windows
 
 
 @torch.no_grad()
 def score_video_clip(
     model: AnomalyModel, frames: np.ndarray, batch_size: int = 16, device: torch.device | str = "cpu"
 ) -> np.ndarray:
-    """Per-frame normalised scores [T] of one clip [T, H, W, 3] uint8 from a video model."""
+    """Per-frame ranking scores [T] (float64 logits where the model has them) of one clip [T, H, W, 3] uint8
+    from a video model, smoothed over time when the model offers ``smooth_frame_scores``."""
     if hasattr(model, "score_clip"):
         out = model.score_clip(torch.from_numpy(frames).permute(0, 3, 1, 2).to(device))
-        return torch.as_tensor(out).float().cpu().numpy().ravel()
-    length = int(getattr(model, "clip_length", 1))
-    if len(frames) < length:
-        raise MetricError(f"a clip of {len(frames)} frames is shorter than the model's clip_length={length}")
-    windows = video_windows([frames], length, batch_size, device)
-    scores = np.concatenate([model(batch).score.float().cpu().numpy() for batch in windows])
-    return np.concatenate([np.full(length - 1, scores[0]), scores])
+        scores = torch.as_tensor(out).double().cpu().numpy().ravel()
+    else:
+        length = int(getattr(model, "clip_length", 1))
+        if len(frames) < length:
+            raise MetricError(f"a clip of {len(frames)} frames is shorter than the model's clip_length={length}")
+        windows = video_windows([frames], length, batch_size, device)
+        scores = np.concatenate([ranking_output(model, batch)[0].double().cpu().numpy() for batch in windows])
+        scores = np.concatenate([np.full(length - 1, scores[0]), scores])
+    smooth = getattr(model, "smooth_frame_scores", None)
+    return np.asarray(smooth(scores), np.float64) if smooth is not None else scores
 
 
 @torch.no_grad()

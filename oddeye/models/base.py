@@ -8,6 +8,7 @@ weights and normalisation together in a checkpoint that loads with
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import inspect
@@ -23,6 +24,7 @@ from torch import nn
 
 from oddeye.frames import Prediction
 from oddeye.models.registry import create_model, get_model_class, list_models, model_params, register
+from oddeye.progress import progress_bar
 
 __all__ = [
     "AnomalyModel",
@@ -44,6 +46,8 @@ CHECKPOINT_FORMAT = 1
 # Constructor parameters that say where pretrained weights come from. A checkpoint
 # already holds the weights, so loading one never fetches them again.
 WEIGHT_SOURCE_PARAMS = {"pre_trained": False, "weights": None}
+# Folds of held-out normal images for the score normalisation (see ``AnomalyModel.fit``).
+DEFAULT_FOLDS = 5
 
 
 class FitError(ValueError):
@@ -74,7 +78,8 @@ def load_model(
         model = create_model(name, **params)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    state = _upgrade_state(ckpt["state_dict"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match model {name!r} (missing {missing[:5]}, unexpected {unexpected[:5]})"
@@ -82,6 +87,15 @@ def load_model(
     model.fitted = True
     model.eval()
     return model
+
+
+def _upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before maps had their own normaliser: maps fall back to the score's statistics."""
+    if "normalizer.threshold" in state and "map_normalizer.threshold" not in state:
+        state = dict(state)
+        state["map_normalizer.threshold"] = state["normalizer.threshold"]
+        state["map_normalizer.scale"] = state["normalizer.scale"]
+    return state
 
 
 def read_checkpoint(path: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -141,6 +155,11 @@ class ScoreNormalizer(nn.Module):
         self.threshold.fill_(float(high) + self.margin * spread)
         self.scale.fill_(spread)
 
+    def logit(self, raw: torch.Tensor) -> torch.Tensor:
+        """The unsaturated value ``(x - t) / s`` in float64: it ranks like the raw score and never ties at 1."""
+        raw = raw.double()
+        return (raw - self.threshold.to(raw.device, torch.float64)) / self.scale.to(raw.device, torch.float64)
+
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((raw - self.threshold.to(raw.dtype)) / self.scale.to(raw.dtype))
 
@@ -156,11 +175,15 @@ class AnomalyModel(nn.Module):
 
     name: ClassVar[str] = ""
     is_video: ClassVar[bool] = False
+    # How many of the k folds ``heldout_scores`` refits (None: all); gradient-trained models refit one.
+    heldout_fits: ClassVar[int | None] = None
 
     def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256)) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.normalizer = ScoreNormalizer()
+        # Maps on their own statistics: a map cell need not be on the score's scale (DFM's is ~1/16 of it).
+        self.map_normalizer = ScoreNormalizer()
         self.fitted = False
         self._config: dict[str, Any] = {}
 
@@ -220,31 +243,150 @@ class AnomalyModel(nn.Module):
     # -- public API
     def fit(
         self,
-        train_loader: Iterable[torch.Tensor],
-        val_loader: Iterable[torch.Tensor] | None = None,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
         progress: bool = True,
+        folds: int = DEFAULT_FOLDS,
     ) -> AnomalyModel:
-        """Learn normality from ``train_loader`` batches, then normalisation from ``val_loader``.
+        """Learn normality from every image of ``train_loader``, then the [0, 1] normalisation.
 
-        Without a validation loader the training batches are scored again (less
-        conservative, but still sets a sensible scale).
+        The normaliser needs scores of normal images *the model did not see*: a model scores
+        its own training images too low (a memory bank scores them 0), which puts the
+        threshold too low and makes unseen normal frames look anomalous. Two ways:
+
+        - ``val_loader`` given: the caller held out data (another video, a later block of the
+          stream); the model learns from ``train_loader`` only and normalises on ``val_loader``.
+        - no ``val_loader`` (what ``oddeye fit`` / ``eval`` do): the final model learns from
+          *every* training image, and the statistics come from ``heldout_scores`` — by default
+          k-fold over ``folds`` contiguous blocks of the training order (whole videos when the
+          batches name them), each block scored by a copy of the model fitted on the other
+          blocks. Contiguous blocks, not every k-th frame: an interleaved frame has a
+          near-identical neighbour in training and would normalise memory banks too low.
+          Models whose fit can be redone cheaply on cached features override
+          ``heldout_scores`` (DFM refits only its PCA, AI-VAD only its density estimators), so
+          they pay one feature pass instead of k fits; gradient-trained models refit only
+          ``heldout_fits`` of the folds.
+
+        Batches are image tensors, or dicts with ``"image"`` and optionally ``"video"`` (an
+        int id per item: which video or recording it comes from, used to fold by video).
         """
         self.eval()
+        if val_loader is None and iter(train_loader) is train_loader:
+            raise FitError(
+                "fit needs a re-iterable train_loader (a list, a DataLoader) to hold out folds for the normalisation, "
+                "or a val_loader of held-out normal images; got a one-shot iterator"
+            )
+        template = None
+        if val_loader is None and type(self).heldout_scores is AnomalyModel.heldout_scores:
+            template = copy.deepcopy(self)  # the unfitted model, copied for the fold fits
         seen = _CheckedBatches(train_loader, self._check_input)
         self._fit_normal(seen, progress)
         if seen.count == 0:
             raise FitError("fit received no images: the training data is empty")
-        val = val_loader if val_loader is not None else train_loader
-        with torch.no_grad():
-            raw = [self.raw_forward(b)[0].float().cpu() for b in _CheckedBatches(val, self._check_input)]
-        if not raw:
-            raise FitError(
-                "fit received no validation images (pass a val_loader, or a re-iterable train_loader: "
-                "without one the training data is scored again)"
-            )
-        self.normalizer.fit(torch.cat(raw))
+        self._warn_if_few(seen.count)
+        if val_loader is not None:
+            scores, map_peaks = self._score_raw(_CheckedBatches(val_loader, self._check_input))
+            if scores.numel() == 0:
+                raise FitError("fit received no validation images: the validation data is empty")
+        else:
+            scores, map_peaks = self.heldout_scores(train_loader, folds, seen.count, seen.videos, template, progress)
+        self.normalizer.fit(scores)
+        self.map_normalizer.fit(map_peaks if map_peaks is not None and map_peaks.numel() >= 2 else scores)
         self.fitted = True
         return self
+
+    def heldout_scores(
+        self,
+        train_loader: Iterable[Any],
+        folds: int,
+        n: int,
+        videos: torch.Tensor | None,
+        template: AnomalyModel | None,
+        progress: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw scores [N] of the ``n`` training images from models that did not see them, and their maps' peaks.
+
+        Called by ``fit`` after the final model learnt from every image. The default fits
+        ``template`` (an unfitted copy of this model) once per fold on the other folds.
+        Too few images for two folds: the final model rescores its own training images,
+        with a warning (the normalisation is then too low).
+        """
+        assign = fold_assignment(n, folds, videos)
+        k = int(assign.max()) + 1 if n else 0
+        if k < 2 or template is None:
+            log.warning(
+                "%s: %d training image(s) are too few to hold any out; normalising on the training images "
+                "themselves (scores of unseen normal images will run high)",
+                self.name,
+                n,
+            )
+            return self._score_raw(_CheckedBatches(train_loader, self._check_input))
+        limit = self.heldout_fits if self.heldout_fits is not None else k
+        picked = [int(f) for f in torch.linspace(0, k - 1, min(k, limit)).round().long().unique()]
+        scores, peaks = [], []
+        for fold in progress_bar(picked, desc=f"{self.name}: held-out folds", unit="fold", disable=not progress):
+            model = copy.deepcopy(template)
+            model.eval()
+            model._fit_normal(_Subset(train_loader, self._check_input, assign != fold), False)
+            s, p = model._score_raw(_Subset(train_loader, self._check_input, assign == fold))
+            scores.append(s)
+            peaks.append(p)
+            del model
+        maps = None if any(p is None for p in peaks) else torch.cat(peaks)  # type: ignore[arg-type]
+        return torch.cat(scores), maps
+
+    @torch.no_grad()
+    def _score_raw(self, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw scores [N] (float64, CPU) and each raw map's maximum [N] (or None without maps)."""
+        scores, peaks = [], []
+        for b in batches:
+            out = self.raw_forward(b)
+            scores.append(out[0].detach().double().cpu())
+            if out[1] is not None:
+                peaks.append(out[1].detach().flatten(1).amax(1).double().cpu())
+        if not scores:
+            return torch.zeros(0, dtype=torch.float64), None
+        return torch.cat(scores), torch.cat(peaks) if len(peaks) == len(scores) else None
+
+    def min_fit_images(self) -> tuple[int, str] | None:
+        """How many training images the model's parameters need, and why (None: no particular need).
+
+        The default reads anomalib's usual parameter names; a model with other needs overrides it.
+        """
+        needs: list[tuple[int, str]] = []
+        n_features = self._config.get("n_features")
+        if isinstance(n_features, int) and n_features > 0:
+            needs.append((n_features + 1, f"a Gaussian of n_features={n_features} dimensions per position"))
+        for key in ("n_pca_components", "pca_level"):
+            value = self._config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                needs.append((value + 1, f"{key}={value} principal components"))
+        return max(needs) if needs else None
+
+    def _warn_if_few(self, n: int) -> None:
+        need = self.min_fit_images()
+        if need is not None and n < need[0]:
+            log.warning(
+                "%s was fitted on %d image(s), fewer than the %d that %s needs: expect normal images to score "
+                "high; fit on more frames (fit.max_frames, or a longer fit source)",
+                self.name,
+                n,
+                need[0],
+                need[1],
+            )
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unsaturated scores [B] and maps [B, H, W] (or None), float64: ``forward``'s values before the sigmoid.
+
+        ``forward``'s [0, 1] score is what alerts compare with a threshold; it saturates at 1.0 in
+        float32, so clear anomalies and the worst normal frames can tie. Rankings (``oddeye eval``'s
+        AUROC) use these instead: they order frames exactly as the raw scores do.
+        """
+        if not self.fitted:
+            raise RuntimeError(f"{self.name} is not fitted: call fit() or load a checkpoint")
+        out = self.raw_forward(self._check_input(images))
+        return self.normalizer.logit(out[0]), None if out[1] is None else self.map_normalizer.logit(out[1])
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Prediction:
@@ -253,7 +395,7 @@ class AnomalyModel(nn.Module):
             raise RuntimeError(f"{self.name} is not fitted: call fit() or load a checkpoint")
         out = self.raw_forward(self._check_input(images))
         score = self.normalizer(out[0].float())
-        amap = None if out[1] is None else self.normalizer(out[1].float())
+        amap = None if out[1] is None else self.map_normalizer(out[1].float())
         boxes = None
         if len(out) > 2 and out[2] is not None:
             # Region scores share the frame score's normalisation: a box at 0.9 is as unusual as a frame at 0.9.
@@ -306,22 +448,82 @@ class VideoAnomalyModel(AnomalyModel):
 
 
 class _CheckedBatches:
-    """Iterates input batches, checking them and counting items as they pass."""
+    """Iterates input batches, checking them and counting items as they pass.
+
+    A batch may be a tensor, a tuple/list (its first item is the images) or a dict with
+    ``"image"`` and optionally ``"video"`` ([B] ints: which video each item comes from);
+    ``videos`` then holds the ids of every item seen in the last complete pass.
+    """
 
     def __init__(self, loader: Iterable[Any], check: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.loader = loader
         self.check = check
         self.count = 0
+        self.videos: torch.Tensor | None = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        self.count = 0
+        videos: list[torch.Tensor] | None = []
         for batch in self.loader:
-            if isinstance(batch, dict):
-                batch = batch["image"]
-            elif isinstance(batch, (tuple, list)):
-                batch = batch[0]
-            batch = self.check(batch)
-            self.count += batch.shape[0]
-            yield batch
+            images, vid = _unpack(batch)
+            images = self.check(images)
+            if videos is not None and vid is not None:
+                videos.append(torch.as_tensor(vid).long().flatten().cpu())
+            else:
+                videos = None
+            self.count += images.shape[0]
+            yield images
+        self.videos = torch.cat(videos) if videos else None
+
+
+class _Subset:
+    """The items of ``loader`` whose position (over the whole pass) is selected by ``keep`` [N] bool."""
+
+    def __init__(self, loader: Iterable[Any], check: Callable[[torch.Tensor], torch.Tensor], keep: torch.Tensor):
+        self.loader = loader
+        self.check = check
+        self.keep = keep.cpu()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        start = 0
+        for batch in self.loader:
+            images = self.check(_unpack(batch)[0])
+            sel = self.keep[start : start + images.shape[0]]
+            start += images.shape[0]
+            if sel.all():
+                yield images
+            elif sel.any():
+                yield images[sel.to(images.device)]
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
+    if isinstance(batch, dict):
+        return batch["image"], batch.get("video")
+    if isinstance(batch, (tuple, list)):
+        return batch[0], None
+    return batch, None
+
+
+def fold_assignment(n: int, folds: int, videos: torch.Tensor | None = None) -> torch.Tensor:
+    """The fold [N] of each of ``n`` training items: contiguous blocks, or whole videos.
+
+    With video ids naming at least two videos, each fold is a run of whole videos (videos in
+    order of first appearance, split into at most ``folds`` groups); otherwise the items,
+    in training order, are cut into ``folds`` contiguous blocks (fewer when there are fewer
+    than two items per block). Never every k-th item: neighbouring frames are near-copies.
+    """
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if videos is not None and videos.numel() == n:
+        order: dict[int, int] = {}
+        for v in videos.tolist():
+            order.setdefault(int(v), len(order))
+        if len(order) >= 2:
+            rank = torch.tensor([order[int(v)] for v in videos.tolist()])
+            k = min(folds, len(order))
+            return rank * k // len(order)
+    k = max(1, min(folds, n // 2))
+    return torch.arange(n) * k // n
 
 
 def _check_images(images: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

@@ -21,20 +21,32 @@ log = logging.getLogger(__name__)
 
 
 class TensorBatches:
-    """Re-iterable batches [B, 3, H, W] (or clips [B, T, 3, H, W]) float in [0, 1] from uint8 [N, (T,) H, W, 3]."""
+    """Re-iterable batches [B, 3, H, W] (or clips [B, T, 3, H, W]) float in [0, 1] from uint8 [N, (T,) H, W, 3].
 
-    def __init__(self, images: np.ndarray, batch_size: int, device: torch.device) -> None:
+    With ``videos`` [N] (which video each item comes from) a batch is ``{"image": ..., "video": ...}``.
+    """
+
+    def __init__(
+        self, images: np.ndarray, batch_size: int, device: torch.device, videos: np.ndarray | None = None
+    ) -> None:
+        if videos is not None and len(videos) != len(images):
+            raise ValueError(f"videos names {len(videos)} items for {len(images)} images")
         self.images = images
         self.batch_size = batch_size
         self.device = device
+        self.videos = videos
 
     def __len__(self) -> int:
         return (len(self.images) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         for i in range(0, len(self.images), self.batch_size):
             chunk = torch.from_numpy(self.images[i : i + self.batch_size]).movedim(-1, -3)
-            yield chunk.to(self.device).float().div_(255.0)
+            images = chunk.to(self.device).float().div_(255.0)
+            if self.videos is None:
+                yield images
+            else:
+                yield {"image": images, "video": torch.as_tensor(self.videos[i : i + self.batch_size])}
 
 
 def collect_fit_images(cfg: OddeyeConfig, progress: bool = True, clip_length: int = 1) -> np.ndarray:
@@ -96,13 +108,16 @@ def collect_fit_images(cfg: OddeyeConfig, progress: bool = True, clip_length: in
     return np.stack(samples)
 
 
-def category_checkpoint(checkpoint: str | Path, category: str) -> Path:
-    """The checkpoint of one dataset category: ``{category}`` in the path is replaced, else ``-<category>`` is
-    added to the file name (``out/padim.pt`` → ``out/padim-bottle.pt``)."""
+def category_checkpoint(checkpoint: str | Path, category: str, several: bool = True) -> Path:
+    """The checkpoint of one dataset category: ``{category}`` in the path is replaced; else, when the data
+    holds ``several`` categories, ``-<category>`` is added to the file name (``out/padim.pt`` →
+    ``out/padim-bottle.pt``); a single category keeps the path the user gave."""
     text = str(checkpoint)
     if "{category}" in text:
         return Path(text.replace("{category}", category))
     path = Path(text)
+    if not several:
+        return path
     return path.with_name(f"{path.stem}-{category}{path.suffix}")
 
 
@@ -136,20 +151,32 @@ def collect_folder_images(
     return load_images(paths, size), name
 
 
+def holdout_folds(cfg: OddeyeConfig) -> int:
+    """Folds of held-out normal images for the normalisation: ``fit.val_fraction`` is the share of one fold."""
+    return max(2, round(1 / cfg.fit.val_fraction))
+
+
 def fit_images(
-    cfg: OddeyeConfig, images: np.ndarray, checkpoint: str | Path | None = None, progress: bool = True
+    cfg: OddeyeConfig,
+    images: np.ndarray,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    videos: np.ndarray | None = None,
 ) -> tuple[AnomalyModel, Path]:
-    """Fit ``cfg.model`` on normal images [N, H, W, 3] uint8 and write it to ``checkpoint``."""
-    n_val = max(1, round(len(images) * cfg.fit.val_fraction))
-    # Every k-th frame goes to validation, so both splits span the whole recording.
-    val_idx = np.linspace(0, len(images) - 1, n_val).round().astype(int)
-    mask = np.zeros(len(images), bool)
-    mask[val_idx] = True
+    """Fit ``cfg.model`` on every normal image [N, H, W, 3] uint8 and write it to ``checkpoint``.
+
+    The model learns from all N images; the score normalisation comes from k-fold held-out
+    scores (``AnomalyModel.fit``) over contiguous blocks of the frames — or over whole
+    videos when ``videos`` [N] says which video each frame comes from — with
+    k = 1 / ``fit.val_fraction``. Holding back a validation share instead would teach the
+    model from fewer images, and every k-th frame would have near-copies in training.
+    """
     device = resolve_device(cfg.model.device)
     model = create_model(cfg.model.name, image_size=cfg.model.image_size, **cfg.model.params).to(device)
-    log.info("fitting %s on %d frames (%d for normalisation) on %s", model.name, (~mask).sum(), mask.sum(), device)
-    bs = cfg.fit.batch_size
-    model.fit(TensorBatches(images[~mask], bs, device), TensorBatches(images[mask], bs, device), progress=progress)
+    folds = holdout_folds(cfg)
+    log.info("fitting %s on %d frames (normalised on %d held-out folds) on %s", model.name, len(images), folds, device)
+    batches = TensorBatches(images, cfg.fit.batch_size, device, videos)
+    model.fit(batches, progress=progress, folds=folds)
     path = model.save(checkpoint if checkpoint is not None else cfg.model.checkpoint)
     log.info("wrote %s", path)
     return model, path
@@ -161,7 +188,8 @@ def fit_from_config(
     """Fit ``cfg.model`` on the fit data and write it to ``cfg.model.checkpoint``.
 
     With ``data`` (a dataset category or a folder of normal images) fit on its normal
-    images instead, and write to that category's checkpoint (``category_checkpoint``).
+    images instead, and write to ``model.checkpoint`` as given (``{category}`` in it is
+    replaced by the category's name).
     """
     if data is None:
         cls = get_model_class(cfg.model.name)
@@ -170,4 +198,4 @@ def fit_from_config(
             clip_length = int(cfg.model.params.get("clip_length", model_params(cfg.model.name).get("clip_length", 2)))
         return fit_images(cfg, collect_fit_images(cfg, progress, clip_length), progress=progress)
     images, name = collect_folder_images(data, cfg.model.image_size, cfg.fit.max_frames)
-    return fit_images(cfg, images, category_checkpoint(cfg.model.checkpoint, name), progress)
+    return fit_images(cfg, images, category_checkpoint(cfg.model.checkpoint, name, several=False), progress)

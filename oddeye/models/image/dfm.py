@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch.nn.functional import avg_pool2d, interpolate
 
-from oddeye.models.base import AnomalyModel, FitError, register
+from oddeye.models.base import AnomalyModel, FitError, fold_assignment, register
 from oddeye.models.components import PCA, TimmFeatureExtractor
 from oddeye.progress import progress_bar
 
@@ -76,12 +76,51 @@ class Dfm(AnomalyModel):
         if features.shape[0] < 2:
             raise FitError(f"dfm needs at least 2 training images, got {features.shape[0]}")
         self.pca_model.fit(features)
+        self._fit_features = features  # kept until heldout_scores has refitted the PCA per fold
         log.info(
             "dfm: PCA keeps %d of %d dimensions (%d images)",
             self.pca_model.num_components,
             features.shape[1],
             features.shape[0],
         )
+        if self.pca_model.num_components >= features.shape[0] - 1:
+            log.warning(
+                "dfm: the PCA keeps all %d components that %d training images allow (pca_level=%s): every "
+                "unseen image reconstructs badly and scores high; fit on more images",
+                self.pca_model.num_components,
+                features.shape[0],
+                self.pca_model.n_components,
+            )
+
+    @torch.no_grad()
+    def heldout_scores(
+        self,
+        train_loader: object,
+        folds: int,
+        n: int,
+        videos: torch.Tensor | None,
+        template: AnomalyModel | None,
+        progress: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k-fold held-out scores at the cost of one feature pass: the pooled features of the fit are
+        kept, and only the PCA is refitted per fold (the backbone is frozen, so this equals refitting DFM)."""
+        features: torch.Tensor = self.__dict__.pop("_fit_features")
+        assign = fold_assignment(features.shape[0], folds, videos).to(features.device)
+        k = int(assign.max()) + 1
+        if k < 2:
+            log.warning("dfm: %d training image(s) are too few to hold any out; normalising on them", n)
+            return self._score_features(features, self.pca_model, self.image_size)
+        scores = torch.empty(features.shape[0], dtype=torch.float64)
+        peaks = torch.empty(features.shape[0], dtype=torch.float64)
+        for fold in range(k):
+            held = assign == fold
+            pca = PCA(n_components=self.pca_model.n_components).to(features.device)
+            pca.fit(features[~held])
+            s, amap = self._score_features(features[held], pca, self.image_size)
+            scores[held.cpu()] = s.double().cpu()
+            if amap is not None:
+                peaks[held.cpu()] = amap.flatten(1).amax(1).double().cpu()
+        return scores, peaks if self.score_type == "fre" else None
 
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,12 +128,25 @@ class Dfm(AnomalyModel):
         if not self.pca_model.fitted:
             raise RuntimeError("dfm: PCA is not fitted; fit the model or load a checkpoint")
         features = self._features(images)
-        flat = features.flatten(1)
-        projected = self.pca_model.transform(flat)
+        self._grid = tuple(features.shape[1:])
+        return self._score_features(features.flatten(1), self.pca_model, tuple(images.shape[-2:]))
+
+    def _score_features(
+        self, flat: torch.Tensor, pca: PCA, size: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores [B] (and ``fre`` maps [B, *size]) of pooled, flattened features [B, C*h*w] under ``pca``."""
+        projected = pca.transform(flat)
         if self.score_type == "nll":
-            variance = self.pca_model.explained_variance.clamp_min(1e-12)
+            variance = pca.explained_variance.clamp_min(1e-12)
             return (projected.pow(2) / variance).sum(dim=1) + variance.log().sum(), None
-        error = (flat - self.pca_model.inverse_transform(projected)).pow(2)
-        error_map = error.view(features.shape).sum(dim=1, keepdim=True)
-        amap = interpolate(error_map, size=images.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+        error = (flat - pca.inverse_transform(projected)).pow(2)
+        error_map = error.view(flat.shape[0], *self._feature_grid()).sum(dim=1, keepdim=True)
+        amap = interpolate(error_map, size=size, mode="bilinear", align_corners=False).squeeze(1)
         return error.sum(dim=1), amap
+
+    def _feature_grid(self) -> tuple[int, ...]:
+        """(C, h, w) of the pooled feature map, from a dry run on the model's image size when not yet known."""
+        if getattr(self, "_grid", None) is None:
+            probe = torch.zeros(1, 3, *self.image_size, device=self.device)
+            self._grid = tuple(self._features(probe).shape[1:])
+        return self._grid
