@@ -142,13 +142,16 @@ class ViTFeatureExtractor(nn.Module):
         attn = self.model.blocks[self.layers[-1] - 1].attn
         return getattr(self.model, "cls_token", None) is not None and type(attn) is Attention
 
-    def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        return self.forward_with_attention(images, attention=False)[0]
+    def forward(self, images: torch.Tensor, norm: bool = False) -> dict[int, torch.Tensor]:
+        return self.forward_with_attention(images, attention=False, norm=norm)[0]
 
     def forward_with_attention(
-        self, images: torch.Tensor, attention: bool = True
+        self, images: torch.Tensor, attention: bool = True, norm: bool = False
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Patch-token grids per block and (with ``attention``) class attention [B, heads, h * w]."""
+        """Patch-token grids per block and (with ``attention``) class attention [B, heads, h * w].
+
+        ``norm`` passes each block's tokens through the network's final norm layer (as GeneralAD does).
+        """
         check_patch_multiple(tuple(images.shape[-2:]), self.patch_size, self.backbone_name)
         images = (images.to(self.mean.dtype) - self.mean) / self.std
         captured: dict[str, torch.Tensor] = {}
@@ -163,6 +166,7 @@ class ViTFeatureExtractor(nn.Module):
                 grids = self.model.forward_intermediates(
                     images,
                     indices=[layer - 1 for layer in self.layers],
+                    norm=norm,
                     output_fmt="NCHW",
                     intermediates_only=True,
                     stop_early=True,
