@@ -1,4 +1,11 @@
-"""The ``oddeye`` command line: demo, fit, run, models."""
+"""The ``oddeye`` command line: demo, fit, run, models.
+
+Imports of torch, Ray and the models happen inside the commands that need them, so that
+``oddeye models`` and ``--help`` answer at once. Expected failures (a bad config, weights
+that cannot be fetched offline, a missing path, no data) print one line with the fix and
+exit 1 (2 for a config error); ``--debug`` shows their traceback. Anything else is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,14 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from oddeye.config import ConfigError, OddeyeConfig, demo_config_path, load_config
-from oddeye.frames import ScoredFrame
-from oddeye.sinks.base import Sink
+if TYPE_CHECKING:
+    from oddeye.config import OddeyeConfig
+    from oddeye.sinks.base import Sink
 
 log = logging.getLogger("oddeye")
 
@@ -42,6 +51,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddeye", description="Anomaly detection on camera streams and Kafka topics.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fit on the synthetic camera, then stream it with injected anomalies")
@@ -81,12 +91,33 @@ def _command_modules() -> list:
     ]
 
 
+_EXPECTED_ERRORS = (
+    ("oddeye.models.base", "CheckpointError"),
+    ("oddeye.models.base", "FitError"),
+    ("oddeye.models.components.feature_extractor", "WeightsUnavailableError"),
+    ("oddeye.pipeline.runner", "PipelineError"),
+    ("oddeye.sources.base", "SourceError"),
+)
+
+
+def is_expected_error(e: BaseException) -> bool:
+    """A failure the user can fix (told in its message), as opposed to a bug.
+
+    The classes are looked up only in modules already imported: an error raised by a module
+    was imported with it, and the CLI never imports torch or Ray just to check.
+    """
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)):
+        return True
+    for module, name in _EXPECTED_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from oddeye.models.base import CheckpointError, FitError
-    from oddeye.pipeline.runner import PipelineError
-
     try:
         if args.command == "models":
             return cmd_models()
@@ -95,38 +126,158 @@ def main(argv: Sequence[str] | None = None) -> int:
         for module in _command_modules():
             if args.command == module.COMMAND:
                 return int(module.run(args))
+        from oddeye.config import load_config
+
         cfg = load_config(args.config, args.set)
+        resolve_out(cfg, getattr(args, "out", None))
         if args.command == "fit":
-            return cmd_fit(cfg, args.data)
+            return cmd_fit(cfg, args.data, config_path=args.config, overrides=args.set)
         if args.command == "run":
             return cmd_run(cfg, args)
-    except ConfigError as e:
-        print(f"oddeye: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (PipelineError, FitError, CheckpointError, FileNotFoundError) as e:
-        print(f"oddeye: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("oddeye: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        config_error = getattr(sys.modules.get("oddeye.config"), "ConfigError", None)
+        if config_error is not None and isinstance(e, config_error):
+            print(f"oddeye: config error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        if not is_expected_error(e):
+            raise
+        print(f"oddeye: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 1
 
 
-def cmd_models() -> int:
-    from oddeye.models.registry import describe, list_models
+def resolve_out(cfg: OddeyeConfig, out: str | None) -> OddeyeConfig:
+    """Put the output folder into ``{out}`` of ``model.checkpoint`` (``oddeye run --out``; ``oddeye-out`` for fit).
 
-    for name in list_models():
-        kind, line = describe(name)
+    Lets a demo config keep its checkpoint beside its other results wherever ``--out`` points.
+    """
+    cfg.model.checkpoint = cfg.model.checkpoint.replace("{out}", str(out or "oddeye-out"))
+    return cfg
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.strerror}: {e.filename}"
+    return text or type(e).__name__
+
+
+def cmd_models() -> int:
+    """Name, kind and one line per model, read from the model modules' source (no torch import)."""
+    for name, kind, line in builtin_models():
         print(f"{name}\t{kind}\t{line}")
     return 0
 
 
-def cmd_fit(cfg: OddeyeConfig, data: str | None = None) -> int:
+def builtin_models() -> list[tuple[str, str, str]]:
+    """(name, kind, first docstring sentence) of every ``@register``-ed class under oddeye/models/{image,video}.
+
+    Parsed with ``ast`` instead of imported, which takes seconds (torch, timm); falls back to the
+    registry when a class is not plain enough to read that way (no docstring of its own).
+    """
+    import ast
+
+    root = Path(__file__).resolve().parent / "models"
+    found: dict[str, tuple[str, str]] = {}
+    for package in ("image", "video"):
+        for path in sorted((root / package).rglob("*.py")):
+            if any(part.startswith("_") and part != "__init__.py" for part in path.relative_to(root).parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (OSError, SyntaxError, UnicodeDecodeError):
+                return _registry_models()
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.ClassDef):
+                    continue
+                for deco in node.decorator_list:
+                    if not (
+                        isinstance(deco, ast.Call)
+                        and (getattr(deco.func, "id", None) or getattr(deco.func, "attr", None)) == "register"
+                    ):
+                        continue
+                    if not (
+                        deco.args and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)
+                    ):
+                        return _registry_models()
+                    doc = ast.get_docstring(node)
+                    if not doc:
+                        return _registry_models()
+                    bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                    kind = "video" if package == "video" or "VideoAnomalyModel" in bases else "image"
+                    found[deco.args[0].value] = (kind, plain_first_sentence(doc))
+    if not found:
+        return _registry_models()
+    return [(name, *found[name]) for name in sorted(found)]
+
+
+def plain_first_sentence(doc: str) -> str:
+    """The first paragraph of a docstring on one line, without reST/Markdown markup."""
+    first = " ".join(doc.split("\n\n")[0].split())
+    for mark in ("``", "**", "`", "*"):
+        first = first.replace(mark, "")
+    return first
+
+
+def _registry_models() -> list[tuple[str, str, str]]:
+    from oddeye.models.registry import describe, list_models
+
+    return [(name, *describe(name)) for name in list_models()]
+
+
+def cmd_fit(
+    cfg: OddeyeConfig, data: str | None = None, config_path: str | None = None, overrides: Sequence[str] = ()
+) -> int:
+    from oddeye.config import load_config
     from oddeye.pipeline.fit import fit_from_config
 
+    if config_path is not None and is_demo_config(config_path):
+        cfg = fit_demo(cfg, lambda c: load_config(config_path, [*overrides, *c]), data=data)
+        print(f"fitted {cfg.model.name} → {cfg.model.checkpoint}")
+        return 0
     _, path = fit_from_config(cfg, data=data)
     print(f"fitted {cfg.model.name} → {path}")
     return 0
+
+
+def is_demo_config(path: str | Path) -> bool:
+    """True for the embedded demo config and copies of it (configs/demo.yaml)."""
+    from oddeye.config import demo_config_path
+
+    try:
+        return Path(path).read_bytes() == demo_config_path().read_bytes()
+    except OSError:
+        return False
+
+
+def fit_demo(cfg: OddeyeConfig, reload: typing.Callable[[list[str]], OddeyeConfig], data: str | None = None):
+    """Fit the demo config; offline, go on with random features (and say so) instead of failing.
+
+    ``reload(extra_overrides)`` rebuilds the config with more ``--set`` overrides. Returns the
+    config that was fitted.
+    """
+    from oddeye.models.components.feature_extractor import WeightsUnavailableError
+    from oddeye.pipeline.fit import fit_from_config
+
+    try:
+        fit_from_config(cfg, data=data)
+        return cfg
+    except WeightsUnavailableError:
+        print(
+            f"oddeye: warning: pretrained {cfg.model.params.get('backbone', '')} weights are not available here "
+            "(no internet, and none in the local cache).\n"
+            "oddeye: going on with randomly initialised features, which still catch the synthetic anomalies; "
+            "set model.params.weights to a local checkpoint (or offline:efficientnet_lite0) for real ones.",
+            file=sys.stderr,
+        )
+    cfg = reload(["model.params.pre_trained=false"])
+    fit_from_config(cfg, data=data)
+    return cfg
 
 
 def cmd_run(cfg: OddeyeConfig, args: argparse.Namespace, extra_sinks: Sequence[Sink] = ()) -> int:
@@ -160,8 +311,8 @@ def cmd_run(cfg: OddeyeConfig, args: argparse.Namespace, extra_sinks: Sequence[S
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from oddeye.models.components.feature_extractor import WeightsUnavailableError
-    from oddeye.pipeline.fit import fit_from_config
+    from oddeye.config import demo_config_path, load_config
+    from oddeye.scorecard import Scorecard
 
     out = Path(args.out)
     overrides = [f"model.checkpoint={out / 'demo-padim.pt'}", *args.set]
@@ -169,18 +320,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides = ["sources.0.num_frames=null", "sources.0.realtime=true", *overrides]
     cfg = load_config(demo_config_path(), overrides)
     print(f"oddeye demo: fitting {cfg.model.name} on {cfg.fit.max_frames} normal frames of the synthetic camera")
-    try:
-        fit_from_config(cfg)
-    except WeightsUnavailableError:
-        print(
-            f"oddeye demo: pretrained {cfg.model.params.get('backbone', '')} weights are not available here "
-            "(no internet, and none in the local cache).\n"
-            "oddeye demo: going on with randomly initialised features, which still catch the synthetic anomalies; "
-            "set model.params.weights to a local checkpoint for real ones.",
-            file=sys.stderr,
-        )
-        cfg = load_config(demo_config_path(), [*overrides, "model.params.pre_trained=false"])
-        fit_from_config(cfg)
+    cfg = fit_demo(cfg, lambda extra: load_config(demo_config_path(), [*overrides, *extra]))
     print(
         "oddeye demo: streaming the synthetic camera with injected anomalies"
         + (" (Ctrl-C stops)" if args.forever else "")
@@ -192,33 +332,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     snaps = sorted((out / "snapshots").rglob("*.jpg")) if (out / "snapshots").is_dir() else []
     print(f"oddeye demo: {len(snaps)} snapshot(s) under {out / 'snapshots'}; scores and alerts in {out}")
     return rc
-
-
-class Scorecard(Sink):
-    """Compares alerts with the synthetic camera's ground truth, for the demo's closing lines."""
-
-    def __init__(self) -> None:
-        self.kinds: dict[str, dict[str, int]] = {}
-        self.normal = 0
-        self.normal_flagged = 0
-
-    def write(self, frames: Sequence[ScoredFrame]) -> None:
-        for f in frames:
-            if f.meta.get("anomaly"):
-                p = self.kinds.setdefault(f.meta.get("kind") or "?", {"frames": 0, "flagged": 0})
-                p["frames"] += 1
-                p["flagged"] += int(f.label)
-            else:
-                self.normal += 1
-                self.normal_flagged += int(f.label)
-
-    def report(self) -> str:
-        lines = ["oddeye demo: injected anomalies vs. scores (frames at or above the threshold):"]
-        for kind, p in self.kinds.items():
-            lines.append(f"  {kind:<15} {p['flagged']:>3}/{p['frames']} frames flagged")
-        if self.normal:
-            lines.append(f"  {'normal':<15} {self.normal_flagged:>3}/{self.normal} frames flagged (false positives)")
-        return "\n".join(lines)
 
 
 if __name__ == "__main__":
