@@ -276,10 +276,12 @@ class TrainedAnomalyModel(AnomalyModel):
         train_loader: Iterable[torch.Tensor],
         val_loader: Iterable[torch.Tensor] | None = None,
         progress: bool = True,
+        **kwargs: Any,
     ) -> AnomalyModel:
+        """``AnomalyModel.fit``, keeping the validation batches for early stopping; other options pass through."""
         self._val_batches = None if val_loader is None else _CheckedBatches(val_loader, self._check_input)
         try:
-            return super().fit(train_loader, val_loader, progress)
+            return super().fit(train_loader, val_loader, progress, **kwargs)
         finally:
             self._val_batches = None
 
