@@ -197,3 +197,20 @@ def _noisy(step_fn: Any) -> Any:
         return out
 
     return step
+
+
+def test_fit_passes_extra_options_to_the_base_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # AnomalyModel.fit's own options (e.g. the held-out folds) reach it through TrainedAnomalyModel.fit.
+    from oddeye.models.base import AnomalyModel
+
+    seen: dict[str, Any] = {}
+    original = AnomalyModel.fit
+
+    def recording_fit(self: AnomalyModel, train: Any, val: Any = None, progress: bool = True, **kw: Any) -> Any:
+        seen.update(kw)
+        return original(self, train, val, progress)
+
+    monkeypatch.setattr(AnomalyModel, "fit", recording_fit)
+    model = TinyModel(max_epochs=1)
+    model.fit(_batches(4), _batches(2), progress=False, folds=3)
+    assert seen == {"folds": 3} and model.fitted
