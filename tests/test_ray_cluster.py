@@ -41,7 +41,7 @@ def cluster():
             NodeSpec(MODEL_B, num_cpus=1, resources={"model": 1}),
         ],
         head=NodeSpec("head", num_cpus=1),
-        timeout_s=180,
+        timeout_s=240,
     )
     yield c
     c.stop()
@@ -142,11 +142,14 @@ def test_two_model_replicas_on_two_nodes(cluster: RayCluster, fitted_checkpoint:
 
 # ----------------------------------------------------------------------------- a node dies mid-stream
 
-N_FRAMES, PUBLISH_FPS = 160, 16
+N_FRAMES, FIRST, PUBLISH_FPS = 160, 8, 8
 
 
-def _publish(bootstrap: str, topic: str, stop: threading.Event, errors: list[BaseException]) -> None:
-    """Frames of one synthetic camera at a steady rate, as a live producer would send them."""
+def _publish(bootstrap: str, topic: str, live: threading.Event, stop: threading.Event, errors: list) -> None:
+    """One synthetic camera: ``FIRST`` frames at once, the rest at ``PUBLISH_FPS`` once ``live`` is set.
+
+    The stream then outlasts the node failure: frames keep arriving while the model node is down.
+    """
     try:
         from kafka import KafkaProducer
 
@@ -157,13 +160,20 @@ def _publish(bootstrap: str, topic: str, stop: threading.Event, errors: list[Bas
         from oddeye.sources.synthetic import SyntheticCamera
 
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-        t0 = time.monotonic()
+        t0 = None
         for i, frame in enumerate(SyntheticCamera(width=160, height=120, num_frames=N_FRAMES, anomaly_every=0)):
+            if i == FIRST:
+                producer.flush()
+                while not live.wait(0.2):
+                    if stop.is_set():
+                        return
+                t0 = time.monotonic()
             if stop.is_set():
                 break
             key, value, headers = encode_frame(frame)
             producer.send(topic, key=key, value=value, headers=headers)
-            time.sleep(max(0.0, t0 + (i + 1) / PUBLISH_FPS - time.monotonic()))
+            if t0 is not None:
+                time.sleep(max(0.0, t0 + (i + 1 - FIRST) / PUBLISH_FPS - time.monotonic()))
         producer.flush()
         producer.close()
     except BaseException as e:  # reported by the test
@@ -226,23 +236,29 @@ def test_model_node_killed_mid_stream_from_kafka_loses_no_frame(
     names = cluster.node_ids()
     before = {a["actor_id"] for a in cluster.query("actors")}
 
-    stop, errors = threading.Event(), []
-    publisher = threading.Thread(target=_publish, args=(kafka_broker.bootstrap, topic, stop, errors), daemon=True)
+    live, stop, errors = threading.Event(), threading.Event(), []
+    publisher = threading.Thread(target=_publish, args=(kafka_broker.bootstrap, topic, live, stop, errors), daemon=True)
     publisher.start()
+    scores = tmp_path / "out" / "scores.jsonl"
     run = _oddeye(["run", str(cfg), "--out", "out", "--idle-timeout", "20"], tmp_path)
     try:
-        deadline = time.monotonic() + 150
-        while len(_lines(tmp_path / "out" / "scores.jsonl")) < 24:
+        deadline = time.monotonic() + 180
+        while len(_lines(scores)) < FIRST:  # the pipeline is up and scoring: the live stream starts now
             assert run.poll() is None, run.communicate()[1][-4000:]
-            assert time.monotonic() < deadline, "no scores within 150 s"
+            assert time.monotonic() < deadline, "no scores within 180 s"
             time.sleep(0.3)
+        live.set()
         model_nodes = _placement(cluster, before, names)["model"]
         assert len(model_nodes) == 1 and model_nodes[0] in MODEL_NODES, model_nodes
         victim = model_nodes[0]
-        scored_before_kill = len(_lines(tmp_path / "out" / "scores.jsonl"))
+        while len(_lines(scores)) < FIRST + 16:
+            assert run.poll() is None, run.communicate()[1][-4000:]
+            assert time.monotonic() < deadline, "the stream stalled before the kill"
+            time.sleep(0.2)
+        scored_before_kill = len(_lines(scores))
         cluster.kill_raylet(victim)
         cluster.wait_dead(names[victim], timeout_s=60)
-        cluster.restart(victim, timeout_s=120)
+        cluster.restart(victim, timeout_s=180)
 
         publisher.join(timeout=N_FRAMES / PUBLISH_FPS + 60)
         assert not errors, errors
@@ -258,5 +274,6 @@ def test_model_node_killed_mid_stream_from_kafka_loses_no_frame(
     records = _read_scores(kafka_broker.bootstrap, scores_topic, N_FRAMES, timeout_s=30)
     seqs = Counter(r["seq"] for r in records)
     missing = sorted(set(range(N_FRAMES)) - set(seqs))
-    assert not missing, f"{len(missing)} frame(s) lost after the node died: {missing[:20]}"
+    dead = [d.get("seq") for d in _lines(tmp_path / "out" / "dead_letters.jsonl")]
+    assert not missing, f"{len(missing)} frame(s) lost after the node died: {missing[:20]}; dead-lettered: {dead[:20]}"
     assert all(r["camera_id"] == "synthetic-0" for r in records)

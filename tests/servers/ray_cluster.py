@@ -212,35 +212,36 @@ class RayCluster:
         self.nodes[spec.name] = node
         return node
 
-    def start(self, timeout_s: float = 120.0) -> RayCluster:
-        """Start the head, then every worker (in parallel), and wait until all of them are alive."""
+    def start(self, timeout_s: float = 180.0) -> RayCluster:
+        """Start the head, then the workers one after another, each once the one before is alive.
+
+        One at a time, and started again when a start fails: a starting raylet aborts when its
+        dashboard agent has not written its ports within ~15 s, or when it has not registered with
+        the GCS within 30 s (both fixed in Ray 2.60), which a loaded 2-core machine can miss.
+        """
         deadline = time.monotonic() + timeout_s
         try:
             self._spawn(self.head_spec, head=True)
             self._wait_listening(deadline)
-            for spec in self.worker_specs.values():
-                self._spawn(spec, head=False)
-            self._wait_started(deadline)
+            self._start_worker_nodes(list(self.worker_specs), deadline)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_started(self, deadline: float, retries: int = 1) -> None:
-        """Wait for every node; a worker whose start timed out (Ray allows a raylet 30 s to register,
-        which a loaded machine can miss) is started again, ``retries`` times at most."""
-        left = dict.fromkeys(self.worker_specs, retries)
-        while True:
-            try:
-                self.wait_alive(list(self.nodes), timeout_s=max(1.0, deadline - time.monotonic()))
-                return
-            except NodeExitedError as e:
-                if e.name not in left or left[e.name] == 0 or time.monotonic() > deadline:
-                    raise
-                left[e.name] -= 1
-                log.warning("ray node %s failed to start; starting it again", e.name)
-                _stop_process(self.nodes[e.name].proc, grace_s=5.0)
-                self._spawn(self.worker_specs[e.name], head=False)
+    def _start_worker_nodes(self, names: list[str], deadline: float, retries: int = 3) -> None:
+        """Start the named workers in turn; one whose start timed out is started again (``retries`` times)."""
+        for name in names:
+            for attempt in range(retries + 1):
+                self._spawn(self.worker_specs[name], head=False)
+                try:
+                    self.wait_alive([self.head_spec.name, name], timeout_s=max(1.0, deadline - time.monotonic()))
+                    break
+                except NodeExitedError as e:
+                    if attempt == retries or time.monotonic() > deadline or e.name != name:
+                        raise
+                    log.warning("ray node %s failed to start; starting it again", name)
+                    _stop_process(self.nodes[name].proc, grace_s=5.0)
 
     def _wait_listening(self, deadline: float) -> None:
         head = self.nodes[self.head_spec.name]
@@ -344,8 +345,8 @@ class RayCluster:
         """Start a fresh node with the same name and resources (after a kill); returns its node id."""
         old = self.nodes[name]
         _stop_process(old.proc, grace_s=10.0)  # its `ray start --block` exits by itself once the raylet died
-        self._spawn(self.worker_specs[name], head=False)
-        return self.wait_alive([name], timeout_s)[name]
+        self._start_worker_nodes([name], time.monotonic() + timeout_s)
+        return self.node_ids()[name]
 
 
 def start_cluster(workers: list[NodeSpec], head: NodeSpec | None = None, timeout_s: float = 120.0) -> RayCluster:
