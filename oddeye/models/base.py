@@ -351,8 +351,12 @@ class AnomalyModel(nn.Module):
     def min_fit_images(self) -> tuple[int, str] | None:
         """How many training images the model's parameters need, and why (None: no particular need).
 
-        The default reads anomalib's usual parameter names; a model with other needs overrides it.
+        The default reads anomalib's parameter names of the statistical models (PaDiM's ``n_features``
+        Gaussian dimensions, DFKDE's ``n_pca_components``); gradient-trained models, where such names
+        mean something else, and models with other needs override it.
         """
+        if hasattr(self, "training_step"):
+            return None
         needs: list[tuple[int, str]] = []
         n_features = self._config.get("n_features")
         if isinstance(n_features, int) and n_features > 0:

@@ -60,3 +60,32 @@ def test_nan_scores_are_an_error() -> None:
 
     with pytest.raises(MetricError, match="NaN"):
         score_images(NaNModel(), np.zeros((3, 8, 8, 3), np.uint8))
+
+
+def test_video_eval_applies_the_models_temporal_smoothing() -> None:
+    class Smoothed(MotionModel):
+        def smooth_frame_scores(self, scores: np.ndarray) -> np.ndarray:
+            return np.convolve(scores, np.ones(3) / 3, mode="same")
+
+    frames = np.zeros((7, 8, 8, 3), np.uint8)
+    frames[3:] = 255
+    raw = score_video_clip(MotionModel(), frames)
+    smooth = score_video_clip(Smoothed(), frames)
+    assert smooth.dtype == np.float64
+    assert np.allclose(smooth, np.convolve(raw, np.ones(3) / 3, mode="same"))
+
+
+def test_eval_ranks_by_unsaturated_logits() -> None:
+    """Two anomalies and the worst normal image all saturate at 1.0; the logits still order them."""
+
+    class Saturating(nn.Module):
+        def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return images.double().mean(dim=(1, 2, 3)) * 100, None
+
+        def forward(self, images: torch.Tensor) -> Prediction:
+            return Prediction(score=torch.sigmoid(self.logits(images)[0].float()))
+
+    images = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (0, 1, 2, 3)])
+    scores, _, _ = score_images(Saturating(), images)
+    assert scores.dtype == np.float64 and len(set(scores.tolist())) == 4
+    assert np.all(Saturating()(torch.from_numpy(images).permute(0, 3, 1, 2)).score[1:].numpy() == 1.0)

@@ -5,11 +5,15 @@
 - :class:`GMMEstimator` (velocity): negative log-likelihood under a Gaussian mixture
   (shared ``components.gmm``);
 - :class:`CombinedDensityEstimator`: each estimator's score min/max-normalised with the
-  statistics of the training features, summed into one region score.
+  statistics of the training features. A region's score is the sum of its attributes'
+  scores; a *frame's* score, as in the paper and anomalib, is the sum over attributes of
+  that attribute's maximum over the frame's regions (``frame_scores``) — so a frame with a
+  fast object and another oddly-looking one scores both.
 
 Normalisation statistics of a k-NN estimator are computed leave-one-group-out: training
-features from one group (a run of consecutive clips) are compared with the other groups
-only, so near-duplicate neighbouring frames do not make every distance look like zero.
+features from one group (a video, as in the paper; or a contiguous segment of one stream)
+are compared with the other groups only, so near-duplicate frames of the same video do not
+make every distance look like zero.
 """
 
 from __future__ import annotations
@@ -145,9 +149,17 @@ class CombinedDensityEstimator(nn.Module):
         return self
 
     def predict(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Region scores [M] for the features of M regions."""
-        scores = [est.predict(features[name]).float() for name, est in self.estimators.items()]
-        return torch.stack(scores).sum(0)
+        """Region scores [M] for the features of M regions: the sum of their normalised attribute scores."""
+        return torch.stack(list(self.predict_each(features).values())).sum(0)
+
+    def frame_scores(self, each: dict[str, torch.Tensor], counts: list[int]) -> torch.Tensor:
+        """Frame scores [B] from ``predict_each``'s attribute scores of the regions of B frames (``counts`` each):
+        per attribute the maximum over the frame's regions, summed over attributes (0 for a frame without regions)."""
+        total = torch.zeros(len(counts), dtype=torch.float32)
+        for scores in each.values():
+            parts = scores.float().cpu().split(counts)
+            total += torch.stack([p.max() if p.numel() else p.new_zeros(()) for p in parts])
+        return total
 
     def predict_each(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The normalised score of each feature type [M], to explain a region's score."""
