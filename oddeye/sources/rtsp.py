@@ -6,22 +6,32 @@ the newest frames. A camera that fails to open, stops sending, or closes the str
 retried with a new capture after an exponential backoff with jitter; the source never ends
 by itself. Credentials in URLs are kept out of logs, errors, ``describe()`` and ``origin``.
 
+A camera that cannot be reached is retried forever (it is live: it may come back), and
+says so: a warning on the first failure and then at growing intervals (10 s, 20 s, 40 s ...
+up to 10 min) with the number of attempts and the time of the next retry. When a connection
+fails, the camera is asked once more with a bare RTSP ``DESCRIBE`` (Basic or Digest
+credentials from the URL), so that a rejected password is reported as ``authentication
+failed`` (RTSP 401) and a wrong path as ``stream not found`` (404), whatever the decoder says.
+
 ``seq`` counts the frames decoded from a camera (across reconnects), so frames passed over
 by ``every_nth`` / ``max_fps`` show as gaps; they are counted in ``skipped["rate_limit"]``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
@@ -37,6 +47,14 @@ log = logging.getLogger(__name__)
 SCHEMES = ("rtsp", "rtsps")
 BACKENDS = ("pyav", "opencv")  # "auto" takes the first one installed
 _BUFFER_PER_CAMERA = 2  # frames between a camera's reader and the iterating thread
+WARN_INITIAL_S = 10.0
+"""First interval between 'cannot connect' warnings of a camera that stays unreachable; doubles each time."""
+WARN_MAX_S = 600.0
+_STATUS_HINTS = {
+    401: "authentication failed (RTSP 401): check the user and password in the URL",
+    403: "access forbidden (RTSP 403): the user may not read this stream",
+    404: "stream not found (RTSP 404): check the path of the URL",
+}
 
 
 # ----------------------------------------------------------------------------- URLs
@@ -62,6 +80,81 @@ def default_camera_id(url: str) -> str:
 def _scrub(text: str, urls: Sequence[str]) -> str:
     """Remove URLs (and their passwords and path/query secrets) from an error message before it is logged."""
     return redact_text(text, urls)
+
+
+def rtsp_status(url: str, timeout_s: float) -> int | None:
+    """The status code of an RTSP ``DESCRIBE`` of ``url`` (answering a Basic or Digest challenge with the
+    URL's credentials once), or None when there is no RTSP answer (unreachable, TLS, garbage)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or 554
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    except ValueError:
+        return None
+    if parts.scheme.lower() != "rtsp" or not host:
+        return None  # rtsps needs TLS; the decoder's own error has to do
+    target = f"rtsp://{host}:{port}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
+    deadline = time.monotonic() + timeout_s
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            status, headers = _describe(sock, target, 1, None, deadline)
+            challenge = headers.get("www-authenticate", "")
+            if status == 401 and user and challenge:
+                status, _ = _describe(sock, target, 2, _authorization(challenge, user, password, target), deadline)
+            return status
+    except (OSError, ValueError):
+        return None
+
+
+def _describe(
+    sock: socket.socket, target: str, cseq: int, authorization: str | None, deadline: float
+) -> tuple[int, dict[str, str]]:
+    request = f"DESCRIBE {target} RTSP/1.0\r\nCSeq: {cseq}\r\nAccept: application/sdp\r\nUser-Agent: oddeye\r\n"
+    if authorization:
+        request += f"Authorization: {authorization}\r\n"
+    sock.sendall((request + "\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no RTSP answer in time")
+        sock.settimeout(remaining)
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    proto, _, rest = head[0].partition(" ")
+    if not proto.startswith("RTSP/"):
+        raise ValueError("not an RTSP answer")
+    headers = {}
+    for line in head[1:]:
+        key, _, value = line.partition(":")
+        headers.setdefault(key.strip().lower(), value.strip())
+    # Drain the body so that a second request on the connection reads its own answer.
+    length = int(headers.get("content-length", "0") or 0)
+    body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+    while len(body) < length and time.monotonic() < deadline:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return int(rest.split(" ", 1)[0]), headers
+
+
+def _authorization(challenge: str, user: str, password: str, target: str) -> str:
+    """The Authorization header answering a Basic or Digest (MD5) challenge."""
+    scheme, _, params = challenge.partition(" ")
+    if scheme.lower() == "digest":
+        fields = dict(
+            (k.strip().lower(), v.strip().strip('"')) for k, _, v in (p.partition("=") for p in params.split(","))
+        )
+        realm, nonce = fields.get("realm", ""), fields.get("nonce", "")
+        ha1 = hashlib.md5(f"{user}:{realm}:{password}".encode()).hexdigest()
+        ha2 = hashlib.md5(f"DESCRIBE:{target}".encode()).hexdigest()
+        response = hashlib.md5(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()
+        return f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{target}", response="{response}"'
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -195,6 +288,7 @@ class _Camera:
     shape: tuple[int, ...] | None = None
     resized_logged: bool = False
     stalled_logged: bool = False
+    last_error: str | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -222,6 +316,7 @@ class RtspSource(Source):
         reconnect_max_s: float = 10.0,
         every_nth: int = 1,
         max_fps: float | None = None,
+        warn_initial_s: float = WARN_INITIAL_S,
     ) -> None:
         super().__init__()
         if transport not in ("tcp", "udp"):
@@ -261,6 +356,7 @@ class RtspSource(Source):
         self.reconnect_max_s = float(reconnect_max_s)
         self.every_nth = int(every_nth)
         self.max_fps = float(max_fps) if max_fps else None
+        self.warn_initial_s = float(warn_initial_s)
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._buffer: deque[Frame] = deque()
@@ -331,29 +427,68 @@ class RtspSource(Source):
         backoff = self.reconnect_initial_s
         attempts = 0
         failures = 0
+        failing_since = 0.0
+        next_warn = 0.0
+        warn_every = self.warn_initial_s
         while not self._stop.is_set():
             if attempts:
                 self._count_reconnect()
             attempts += 1
+            failed: str | None = None
             try:
                 cap = _CAPTURES[self.backend](cam.url, self.transport, self.open_timeout_s, self.read_timeout_s)
             except Exception as e:
-                failures += 1
-                reason = _scrub(f"{type(e).__name__}: {e}", [cam.url])
-                level = logging.WARNING if failures == 1 else logging.INFO
-                log.log(
-                    level, "%s: cannot connect to %s (attempt %d): %s", cam.camera_id, cam.redacted, failures, reason
-                )
+                failed = self._open_failure(cam, f"{type(e).__name__}: {e}")
             else:
-                failures = 0
                 if self._stream(cam, cap):
                     backoff = self.reconnect_initial_s  # it delivered: start the backoff afresh
+                    failures, warn_every, next_warn = 0, self.warn_initial_s, 0.0
+                    cam.last_error = None
             if self._stop.is_set():
                 break
             delay = backoff * random.uniform(0.5, 1.0)
-            log.info("%s: reconnecting in %.1f s", cam.camera_id, delay)
             backoff = min(backoff * 2, self.reconnect_max_s)
+            if failed is None:
+                log.info("%s: reconnecting in %.1f s", cam.camera_id, delay)
+            else:
+                now = time.monotonic()
+                failures += 1
+                if failures == 1:
+                    failing_since = now
+                if now >= next_warn:  # the first failure, then at growing intervals: never silent, never a flood
+                    log.warning(
+                        "%s: cannot connect to %s (%d attempt(s) in %.0f s): %s; retrying in %.1f s (at %s), "
+                        "and for as long as the source runs",
+                        cam.camera_id,
+                        cam.redacted,
+                        failures,
+                        now - failing_since,
+                        failed,
+                        delay,
+                        time.strftime("%H:%M:%S", time.localtime(time.time() + delay)),
+                    )
+                    next_warn = now + warn_every
+                    warn_every = min(warn_every * 2, WARN_MAX_S)
+                else:
+                    log.info(
+                        "%s: cannot connect (attempt %d): %s; retrying in %.1f s",
+                        cam.camera_id,
+                        failures,
+                        failed,
+                        delay,
+                    )
             self._stop.wait(delay)
+
+    def _open_failure(self, cam: _Camera, error: str) -> str:
+        """Why a camera could not be opened, in words: the RTSP status when the camera answers one."""
+        reason = _scrub(error, [cam.url])
+        status = rtsp_status(cam.url, min(self.open_timeout_s, 5.0))
+        if status in _STATUS_HINTS:
+            reason = _STATUS_HINTS[status]
+        elif status is not None and status >= 400:
+            reason = f"the camera answered RTSP {status} ({reason})"
+        cam.last_error = reason
+        return reason
 
     def _stream(self, cam: _Camera, cap: _Capture) -> bool:
         """Read one connection until it fails or the source closes; True if it delivered a frame."""
@@ -448,7 +583,10 @@ class RtspSource(Source):
         return {
             "type": type(self).__name__,
             "camera_id": self.camera_id,
-            "cameras": [{"camera_id": c.camera_id, "url": c.redacted, "connected": c.connected} for c in self._cams],
+            "cameras": [
+                {"camera_id": c.camera_id, "url": c.redacted, "connected": c.connected, "error": c.last_error}
+                for c in self._cams
+            ],
             "backend": self.backend,
             "transport": self.transport,
             "open_timeout_s": self.open_timeout_s,

@@ -93,8 +93,13 @@ def start_rtsp_server(
     pattern: str = "ball",
     codec: str = "h264",
     timeout_s: float = 20.0,
+    user: str | None = None,
+    password: str = "",
 ) -> RtspServer:
-    """Start a server on 127.0.0.1 (a free port unless given) and wait until it accepts TCP."""
+    """Start a server on 127.0.0.1 (a free port unless given) and wait until it accepts TCP.
+
+    With ``user`` the server requires basic authentication with ``user``/``password``.
+    """
     port = port or free_port()
     cmd = [
         SYSTEM_PYTHON,
@@ -114,6 +119,8 @@ def start_rtsp_server(
         "--codec",
         codec,
     ]
+    if user:
+        cmd += ["--user", user, "--password", password]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

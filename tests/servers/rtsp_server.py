@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pattern", default="ball", help="videotestsrc pattern (ball, smpte, snow, ...)")
     p.add_argument("--codec", choices=["h264", "jpeg"], default="h264")
     p.add_argument("--bitrate", type=int, default=2048, help="H.264 bitrate in kbit/s")
+    p.add_argument("--user", help="require HTTP basic authentication as this user (with --password)")
+    p.add_argument("--password", default="")
     args = p.parse_args(argv)
 
     Gst.init(None)
@@ -53,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(launch_line(args.width, args.height, args.fps, args.pattern, args.codec, args.bitrate))
     factory.set_shared(True)
+    if args.user:
+        # Basic authentication: only this user's token carries the role the mount grants access to.
+        auth = GstRtspServer.RTSPAuth()
+        token = GstRtspServer.RTSPToken()
+        token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "viewer")
+        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(args.user, args.password), token)
+        server.set_auth(auth)
+        permissions = GstRtspServer.RTSPPermissions()
+        permissions.add_permission_for_role("viewer", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_ACCESS, True)
+        permissions.add_permission_for_role("viewer", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, True)
+        factory.set_permissions(permissions)
     server.get_mount_points().add_factory(args.path, factory)
     if server.attach(None) == 0:
         print(f"cannot listen on {args.host}:{args.port}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 from oddeye.config import load_config
 from oddeye.frames import Frame
 from oddeye.sources.base import SourceError
-from oddeye.sources.rtsp import RtspSource, default_camera_id, pyav_available, redact_url
+from oddeye.sources.rtsp import RtspSource, default_camera_id, pyav_available, redact_url, rtsp_status
 from tests.servers.kafka import free_port
 from tests.servers.rtsp import require_rtsp_server, start_rtsp_server
 
@@ -194,3 +195,48 @@ def test_rtsp_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.model.image_size == demo.model.image_size and cfg.model.params == demo.model.params
     assert {s.type for s in cfg.sinks} == {"console", "jsonl", "snapshots"}
+
+
+def test_authentication_failure_is_reported_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    """A rejected password says 'authentication failed' (RTSP 401), never the password; the right one streams."""
+    require_rtsp_server()
+    caplog.set_level(logging.INFO, logger="oddeye.sources.rtsp")
+    server = start_rtsp_server(user="admin", password="s3cret-pw")
+    base = server.url.replace("rtsp://", "rtsp://admin:{}@")
+    assert rtsp_status(base.format("wrong-pw"), 5) == 401 and rtsp_status(base.format("s3cret-pw"), 5) == 200
+    source = RtspSource(url=base.format("wrong-pw"), backend="opencv", **FAST, warn_initial_s=0.3)
+    reader = Reader(source)
+    try:
+        reader.wait_for(lambda: source.reconnects >= 4, 30, "retries")
+        assert reader.frames == [] and source.describe()["cameras"][0]["error"].startswith("authentication failed")
+    finally:
+        reader.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("authentication failed (RTSP 401)" in w for w in warnings)
+    assert "retrying in" in warnings[0] and "wrong-pw" not in caplog.text
+    # the right password gets frames from the same server
+    reader = Reader(RtspSource(url=base.format("s3cret-pw"), backend="opencv", **FAST))
+    try:
+        reader.wait_frames(3, timeout_s=20)
+    finally:
+        reader.close()
+        server.stop()
+
+
+def test_unreachable_camera_warns_at_growing_intervals(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="oddeye.sources.rtsp")
+    fast = {**FAST, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.05}
+    source = RtspSource(url=f"rtsp://127.0.0.1:{free_port()}/cam", backend="opencv", **fast, warn_initial_s=0.4)
+    reader = Reader(source)
+    try:
+        time.sleep(3.5)
+    finally:
+        reader.close()
+    warned = [r.created for r in caplog.records if r.levelno == logging.WARNING and "cannot connect" in r.getMessage()]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO and "cannot connect" in r.getMessage()]
+    # retried all along (tens of attempts), but warned only at t = 0, >= 0.4, >= 1.2, >= 2.8 s: gaps double
+    assert source.reconnects >= 10 and infos
+    assert 2 <= len(warned) <= 5
+    gaps = [b - a for a, b in itertools.pairwise(warned)]
+    assert all(gap >= 0.4 * 2**i - 0.05 for i, gap in enumerate(gaps)), gaps
+    assert "retrying in" in caplog.text
