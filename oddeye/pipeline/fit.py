@@ -193,9 +193,26 @@ def fit_from_config(
     """
     if data is None:
         cls = get_model_class(cfg.model.name)
+        if hasattr(cls, "prepare"):  # zero-shot capable (WinCLIP): no normal frames needed when needs_fit is False
+            ready = prepare_without_data(cfg)
+            if ready is not None:
+                return ready
         clip_length = 1
         if cls.is_video:
             clip_length = int(cfg.model.params.get("clip_length", model_params(cfg.model.name).get("clip_length", 2)))
         return fit_images(cfg, collect_fit_images(cfg, progress, clip_length), progress=progress)
     images, name = collect_folder_images(data, cfg.model.image_size, cfg.fit.max_frames)
     return fit_images(cfg, images, category_checkpoint(cfg.model.checkpoint, name, several=False), progress)
+
+
+def prepare_without_data(cfg: OddeyeConfig) -> tuple[AnomalyModel, Path] | None:
+    """A model that needs no normal images (``needs_fit`` False, e.g. zero-shot WinCLIP), made ready by its
+    ``prepare()`` and written to ``model.checkpoint``; None when this configuration does need fit data."""
+    model = create_model(cfg.model.name, image_size=cfg.model.image_size, **cfg.model.params)
+    if getattr(model, "needs_fit", True):
+        return None
+    log.info("%s needs no fit data with these parameters: preparing it from its parameters alone", model.name)
+    model.prepare()  # type: ignore[attr-defined]
+    path = model.save(cfg.model.checkpoint)
+    log.info("wrote %s", path)
+    return model, path
