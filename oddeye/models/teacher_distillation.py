@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Layers whose concatenation gives at least 384 channels, for the backbones used most here.
 DEFAULT_LAYERS = {
-    "efficientnet_lite0": ["blocks.2", "blocks.3", "blocks.4", "blocks.5"],  # 40+80+112+192 = 424
+    "efficientnet_lite0": ["blocks.2", "blocks.4", "blocks.6"],  # strides 8, 16, 32: 40+112+320 = 472
     "resnet18": ["layer2", "layer3"],  # 128+256 = 384
     "wide_resnet50_2": ["layer2", "layer3"],
     "wide_resnet101_2": ["layer2", "layer3"],  # the paper's teacher source

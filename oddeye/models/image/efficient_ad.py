@@ -103,7 +103,7 @@ class EfficientAd(TrainedAnomalyModel):
         self.register_buffer("quantiles", torch.full((4,), float("nan")))
         self._penalty: NaturalImages | None = None
         self._rng = np.random.default_rng(seed)
-        self._total_steps = 1
+        self._total_steps = int(max_steps or 1 << 30)  # set from the data in on_train_start
 
     @property
     def device(self) -> torch.device:
