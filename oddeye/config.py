@@ -250,7 +250,7 @@ class ModelConfig(_Section):
     """GPUs reserved for each model actor; default 1 when the device is CUDA, else 0."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Ray custom resources for each model actor (e.g. ``{model: 1}``): places them on the nodes that offer them."""
-    start_timeout_s: float = Field(120.0, gt=0)
+    start_timeout_s: float = Field(300.0, gt=0)
     """How long model actors may take to be placed and load the checkpoint before the run fails,
     naming the resource that is missing."""
 
@@ -298,7 +298,9 @@ class BatchingConfig(_Section):
 
 
 class AlertPolicyConfig(_Section):
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float | Literal["auto"] = 0.5
+    """A normalised score in (0, 1), or ``auto``: the model's own unsupervised decision per frame
+    (U-Flow's a-contrario test, ``log10 NFA < 0``); only models with ``nfa_threshold`` offer it."""
     min_frames: int = Field(3, ge=1)
     hysteresis: float = Field(0.1, ge=0)
     close_frames: int = Field(5, ge=1)
@@ -307,6 +309,10 @@ class AlertPolicyConfig(_Section):
 
     @model_validator(mode="after")
     def _band(self) -> AlertPolicyConfig:
+        if self.threshold == "auto":
+            return self  # frames alert on the model's label; the score band does not apply
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be a number in (0, 1) or 'auto', got {self.threshold}")
         if self.hysteresis >= self.threshold:
             raise ValueError("hysteresis must be smaller than threshold")
         return self
@@ -430,6 +436,24 @@ class OddeyeConfig(_Section):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"sources: camera_id {', '.join(dup)} used by more than one source")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_threshold(self) -> OddeyeConfig:
+        thresholds = [self.alerts.threshold] + [c.get("threshold") for c in self.alerts.cameras.values()]
+        if "auto" not in thresholds:
+            return self
+        from oddeye.models.registry import get_model_class
+
+        try:
+            supported = bool(getattr(get_model_class(self.model.name), "nfa_threshold", False))
+        except KeyError:
+            return self  # the model section reports an unknown name itself
+        if not supported:
+            raise ValueError(
+                f"alerts.threshold: auto needs a model that labels frames with its own unsupervised test "
+                f"(uflow's NFA); model {self.model.name!r} has none: set a threshold in (0, 1)"
+            )
         return self
 
 

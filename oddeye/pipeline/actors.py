@@ -121,6 +121,20 @@ def ensure_ray(cfg: RayConfig) -> bool:
         "logging_level": logging.WARNING,
         "configure_logging": False,
     }
+    if local:
+        # A new local Ray: nothing to wait for on the network (and ray.init must run on the main thread).
+        try:
+            ray.init(**kwargs)
+        except Exception as e:
+            raise RayStartError(f"could not start a local Ray: {type(e).__name__}: {_first_line(e)}") from None
+    else:
+        _join_bounded(kwargs, cfg)
+    log.info("ray %s (%s)", "started locally" if local else f"joined {cfg.address}", ray.__version__)
+    return True
+
+
+def _join_bounded(kwargs: dict[str, Any], cfg: RayConfig) -> None:
+    """``ray.init`` to a named cluster on a helper thread, so that an unreachable address fails in time."""
     errors: list[BaseException] = []
 
     def init() -> None:
@@ -131,20 +145,19 @@ def ensure_ray(cfg: RayConfig) -> bool:
 
     t = threading.Thread(target=init, name="ray-init", daemon=True)
     t.start()
-    t.join(cfg.connect_timeout_s if not local else max(cfg.connect_timeout_s, 120.0))
-    where = "start a local Ray" if local else f"join the Ray cluster at {cfg.address!r}"
+    t.join(cfg.connect_timeout_s)
     if t.is_alive():
         raise RayStartError(
-            f"could not {where} within {cfg.connect_timeout_s:.0f} s (ray.connect_timeout_s); "
-            "is the cluster running and reachable?"
+            f"could not join the Ray cluster at {cfg.address!r} within {cfg.connect_timeout_s:.0f} s "
+            "(ray.connect_timeout_s); is it running and reachable?"
         )
     if errors:
         e = errors[0]
-        raise RayStartError(
-            f"could not {where}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-        )
-    log.info("ray %s (%s)", "started locally" if local else f"joined {cfg.address}", ray.__version__)
-    return True
+        raise RayStartError(f"could not join the Ray cluster at {cfg.address!r}: {type(e).__name__}: {_first_line(e)}")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def model_actor_options(cfg: ModelConfig, cuda: bool) -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""The pipeline's own ceiling: frames/s with a no-op model against the JPEG-decode-only limit.
+
+Runs the registered ``null`` model (scores nothing; a benchmark tool) on 256² JPEG frames from
+1, 4 and 16 cameras (image-folder sources over the same files), and measures in the same run,
+on the same cores, how fast the machine decodes those JPEGs with nothing else to do (one decode
+process per core). Also reports what passes through the driver: pickled bytes of the ingest and
+model results per frame (pixels travel by object-store reference and must not appear here) and
+driver CPU µs per frame.
+
+    python benchmarks/pipeline_ceiling.py [--frames 400] [--cameras 1 4 16] [--size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _decode_all(paths: list[str]) -> int:
+    import cv2
+
+    cv2.setNumThreads(1)
+    n = 0
+    for p in paths:
+        data = np.frombuffer(Path(p).read_bytes(), np.uint8)
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        n += img is not None
+    return n
+
+
+def decode_limit(paths: list[str], repeat: int) -> float:
+    """Frames/s decoding ``paths`` × ``repeat`` with one process per core (the decode-only limit)."""
+    cores = os.cpu_count() or 1
+    work = [paths * repeat][0]
+    chunks = [work[i::cores] for i in range(cores)]
+    with mp.get_context("spawn").Pool(cores) as pool:
+        pool.map(_decode_all, [paths[:4]] * cores)  # warm-up: imports
+        t = time.perf_counter()
+        n = sum(pool.map(_decode_all, chunks))
+        return n / (time.perf_counter() - t)
+
+
+def make_frames(folder: Path, n: int, size: int) -> list[str]:
+    from oddeye.frames import encode_jpeg
+    from oddeye.sources.synthetic import SyntheticCamera
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cam = SyntheticCamera(camera_id="c", width=size, height=size, num_frames=n, anomaly_every=0)
+    paths = []
+    for i, f in enumerate(cam):
+        p = folder / f"{i:05d}.jpg"
+        p.write_bytes(encode_jpeg(f.image, 90))
+        paths.append(str(p))
+    return paths
+
+
+def run_pipeline(folder: Path, checkpoint: Path, cameras: int, size: int, batch: int) -> dict[str, float]:
+    from oddeye.config import parse_config
+    from oddeye.pipeline import runner as runner_mod
+    from oddeye.pipeline.runner import Pipeline
+
+    raw = {
+        "sources": [
+            {"type": "images", "path": str(folder), "camera_id": f"cam-{i:02d}", "queue_size": 2 * batch}
+            for i in range(cameras)
+        ],
+        "model": {"name": "null", "image_size": [size, size], "device": "cpu", "checkpoint": str(checkpoint)},
+        "batching": {"max_batch_size": batch, "max_wait_ms": 10, "max_inflight_batches": 2},
+        "sinks": [],
+        "metrics": {"enabled": False},
+    }
+    cfg = parse_config(raw)
+    driver_bytes = [0]
+    orig_take, orig_score = runner_mod.Pipeline._get_take, runner_mod.Pipeline._get_score
+
+    def take(self, s):  # type: ignore[no-untyped-def]
+        res = orig_take(self, s)
+        driver_bytes[0] += len(pickle.dumps(res))
+        return res
+
+    def score(self, x):  # type: ignore[no-untyped-def]
+        res = orig_score(self, x)
+        driver_bytes[0] += len(pickle.dumps(res)) + len(pickle.dumps(x.parts))
+        return res
+
+    runner_mod.Pipeline._get_take, runner_mod.Pipeline._get_score = take, score
+    try:
+        pipe = Pipeline(cfg, out_dir=folder.parent / "out")
+        cpu0 = time.process_time()
+        summary = pipe.run()
+        cpu = time.process_time() - cpu0
+        pipe.close()
+    finally:
+        runner_mod.Pipeline._get_take, runner_mod.Pipeline._get_score = orig_take, orig_score
+    n = max(1, summary.scored)
+    return {
+        "scored": summary.scored,
+        "fps": summary.scored / max(summary.stream_seconds, 1e-9),
+        "bytes_per_frame": driver_bytes[0] / n,
+        "driver_us_per_frame": 1e6 * cpu / n,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=400, help="JPEG files (each camera reads all of them)")
+    ap.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from oddeye.models.registry import create_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="oddeye-ceiling-"))
+    paths = make_frames(tmp / "frames", args.frames, args.size)
+    model = create_model("null", image_size=[args.size, args.size])
+    model.fit([torch.rand(4, 3, args.size, args.size)], progress=False)
+    ckpt = model.save(tmp / "null.pt")
+
+    rows = []
+    for cams in args.cameras:
+        limit = decode_limit(paths, cams)
+        res = run_pipeline(tmp / "frames", ckpt, cams, args.size, args.batch)
+        if ray.is_initialized():
+            ray.shutdown()
+        rows.append((cams, limit, res))
+
+    print(f"machine: {platform.node()} · {os.cpu_count()} CPU · torch {torch.__version__} · {args.size}² JPEG q90")
+    print(
+        "| cameras | frames | decode-only limit (fps) | pipeline, null model (fps) | ratio | driver bytes/frame "
+        "| driver CPU µs/frame |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for cams, limit, r in rows:
+        print(
+            f"| {cams} | {r['scored']} | {limit:.0f} | {r['fps']:.0f} | {r['fps'] / limit:.2f} | "
+            f"{r['bytes_per_frame']:.0f} | {r['driver_us_per_frame']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
