@@ -74,9 +74,13 @@ class AlertPolicy:
     ``close_frames`` consecutive frames score < ``threshold - hysteresis``; frames in
     between keep it open. While open, an ``update`` event goes out every
     ``update_interval_s`` of frame time (0 = never).
+
+    ``threshold="auto"``: the model decides per frame (``ScoredFrame.label``, e.g. U-Flow's
+    a-contrario NFA test); labelled frames count towards opening, unlabelled ones towards
+    closing, and ``hysteresis`` does not apply.
     """
 
-    threshold: float = 0.5
+    threshold: float | str = 0.5
     min_frames: int = 3
     hysteresis: float = 0.1
     close_frames: int = 5
@@ -84,9 +88,11 @@ class AlertPolicy:
     update_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if not 0.0 <= self.hysteresis < self.threshold:
+        if self.threshold == "auto":
+            pass
+        elif isinstance(self.threshold, str) or not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1) or 'auto', got {self.threshold}")
+        elif not 0.0 <= self.hysteresis < self.threshold:
             raise ValueError(f"hysteresis must be in [0, threshold={self.threshold}), got {self.hysteresis}")
         for name in ("min_frames", "close_frames"):
             value = getattr(self, name)
@@ -99,8 +105,16 @@ class AlertPolicy:
 
     @property
     def close_below(self) -> float:
-        """Scores under this count towards closing an open alert."""
-        return self.threshold - self.hysteresis
+        """Scores under this count towards closing an open alert (0.5 − hysteresis with ``auto``)."""
+        return (0.5 if self.threshold == "auto" else self.threshold) - self.hysteresis
+
+    def high(self, score: float, label: bool) -> bool:
+        """Does this frame count towards opening an alert?"""
+        return bool(label) if self.threshold == "auto" else score >= self.threshold
+
+    def low(self, score: float, label: bool) -> bool:
+        """Does this frame count towards closing an open alert?"""
+        return not label if self.threshold == "auto" else score < self.close_below
 
 
 class _CameraState:
@@ -268,7 +282,7 @@ class AlertTracker:
         if state.alert_id is not None:  # left open by stream frames of the same camera
             events.append(self._close(frame.camera_id, state, state.last_ts, frame.seq))
         state.run_len = 0
-        if score < policy.threshold:
+        if not policy.high(score, frame.label):
             return events
         self._open(state, frame.camera_id, frame.seq, ts, score, frame.boxes, 1)
         events.append(self._event(frame.camera_id, state, "open", None, frame.seq))
@@ -297,7 +311,7 @@ class AlertTracker:
     def _update_closed(
         self, state: _CameraState, frame: ScoredFrame, score: float, ts: float, policy: AlertPolicy
     ) -> list[Alert]:
-        if score < policy.threshold:
+        if not policy.high(score, frame.label):
             state.run_len = 0
             return []
         if state.run_len == 0:
@@ -328,7 +342,7 @@ class AlertTracker:
         state.frames += 1
         if score > state.peak:
             state.peak, state.boxes = score, frame.boxes
-        if score < policy.close_below:
+        if policy.low(score, frame.label):
             state.low_run += 1
             if state.low_run >= policy.close_frames:
                 return [self._close(frame.camera_id, state, ts, frame.seq)]
