@@ -9,6 +9,7 @@ carrying a marker (a magenta top-left block), which is how the fault-injection b
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -39,9 +40,15 @@ def add_fail_marker(image: np.ndarray) -> np.ndarray:
 class NullModel(AnomalyModel):
     """A no-op benchmark model: scores every frame alike and detects nothing (benchmarks and fault injection)."""
 
-    def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256), fail_marker: bool = False) -> None:
+    def __init__(
+        self, image_size: tuple[int, int] | list[int] = (256, 256), fail_marker: bool = False, latency_ms: float = 0.0
+    ) -> None:
+        """``latency_ms``: simulated inference time per batch, so a benchmark can set the model's capacity."""
         super().__init__(image_size=image_size)
         self.fail_marker = bool(fail_marker)
+        if latency_ms < 0:
+            raise ValueError(f"latency_ms must be ≥ 0, got {latency_ms}")
+        self.latency_ms = float(latency_ms)
 
     def _fit_normal(self, batches: Iterable[torch.Tensor], progress: bool) -> None:
         for _ in batches:
@@ -55,4 +62,6 @@ class NullModel(AnomalyModel):
             marked = (mean[:, 0] > 0.8) & (mean[:, 1] < 0.2) & (mean[:, 2] > 0.8)
             if bool(marked.any()):
                 raise MarkedFrameError(f"null: marked frame(s) at batch index {marked.nonzero().flatten().tolist()}")
+        if self.latency_ms:
+            time.sleep(self.latency_ms / 1000.0)
         return torch.zeros(images.shape[0], device=images.device), None

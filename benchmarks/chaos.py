@@ -1,0 +1,427 @@
+"""Fault injection on real parts: does oddeye lose a frame? Prints one table for benchmarks/RESULTS.md.
+
+Real parts: two tansu brokers (frames + DLQ; scores sink), a GStreamer RTSP camera, and
+``oddeye run`` as a user starts it (the CLI in its own process group, with its local Ray). The
+model is the ``null`` benchmark model with ``fail_marker`` (it raises on marked frames) and a
+fixed ``latency_ms`` per batch, which sets the pipeline's capacity so that an overload is real.
+
+Timeline (``--quick`` shortens the outages and the overload):
+  1. warm-up frames, then a **broker restart** (tansu keeps no data across restarts, so the
+     restart comes after everything published so far is committed; what is measured is how
+     fast the source reconnects and scores the next frame);
+  2. the main stream at half capacity, with marked frames the model raises on;
+  3. **SIGKILL** of the whole pipeline (driver and Ray), then a restart;
+  4. a **Kafka-sink outage** (its broker stopped, then started again on the same port);
+  5. a **camera outage** (RTSP server stopped, then started again on the same port);
+  6. **poison messages**: 0 bytes, truncated JPEG, PNG bomb, wrong content-type, 10 MB, no headers;
+  7. **2× overload** of the pipeline's capacity.
+Then the stream drains, the pipeline is stopped with SIGTERM, and everything is counted:
+published, scored (unique), dead-lettered by reason, **lost** (must be 0), duplicates, the
+longest commit stall (``oddeye_oldest_unacked_seconds``), peak RSS per process kind, and the
+time to reconnect after the camera and the broker come back.
+
+    python benchmarks/chaos.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import zlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from oddeye.frames import Frame, encode_jpeg  # noqa: E402
+from oddeye.models.image.null import add_fail_marker  # noqa: E402
+from oddeye.models.registry import create_model  # noqa: E402
+from oddeye.sources.kafka import encode_frame  # noqa: E402
+from tests.servers.kafka import free_port, start_broker  # noqa: E402
+from tests.servers.rtsp import start_rtsp_server  # noqa: E402
+
+SIZE = 96
+BATCH = 8
+KCAM = "kcam"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+def png_bomb() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+class Publisher:
+    """Publishes frames of camera ``kcam`` (seq 0, 1, ...) at a settable rate; records what the broker acked."""
+
+    def __init__(self, bootstrap: str, topic: str, marked_every: int) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=16 << 20, retries=10
+        )
+        self.marked_every = marked_every
+        self.seq = 0
+        self.acked: set[int] = set()
+        self.marked: set[int] = set()
+        self.rng = np.random.default_rng(0)
+        self.base = self.rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+
+    def publish(self, n: int, rate: float) -> None:
+        t0 = time.monotonic()
+        for k in range(n):
+            seq = self.seq
+            self.seq += 1
+            img = np.roll(self.base, seq % SIZE, axis=1)
+            if self.marked_every and seq % self.marked_every == self.marked_every // 2:
+                img = add_fail_marker(img)
+                self.marked.add(seq)
+            key, value, headers = encode_frame(Frame(KCAM, seq, time.time(), img))
+            fut = self.producer.send(self.topic, key=key, value=value, headers=headers)
+            fut.add_callback(lambda _m, s=seq: self.acked.add(s))
+            delay = t0 + (k + 1) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        self.producer.flush(60)
+
+    def poison(self) -> list[str]:
+        """The six poison messages; returns their kinds."""
+        jpeg = encode_jpeg(self.base, 90)
+        hdr = [("camera_id", KCAM.encode()), ("ts", b"1700000000000"), ("content-type", b"image/jpeg")]
+        items = [
+            ("empty", b"", [*hdr, ("seq", b"900001")]),
+            ("truncated_jpeg", jpeg[: len(jpeg) // 3], [*hdr, ("seq", b"900002")]),
+            ("png_bomb", png_bomb(), [*hdr[:2], ("content-type", b"image/png"), ("seq", b"900003")]),
+            (
+                "wrong_content_type",
+                b'{"not": "an image"}',
+                [*hdr[:2], ("content-type", b"application/json"), ("seq", b"900004")],
+            ),
+            ("10MB", os.urandom(10 << 20), [*hdr, ("seq", b"900005")]),
+            ("no_headers", jpeg, []),
+        ]
+        for _, value, headers in items:
+            self.producer.send(self.topic, key=None if not headers else KCAM.encode(), value=value, headers=headers)
+        self.producer.flush(60)
+        return [k for k, _, _ in items]
+
+    def close(self) -> None:
+        self.producer.close(10)
+
+
+# ----------------------------------------------------------------------------- watching
+def tree_rss() -> dict[str, int]:
+    """RSS (bytes) of processes by kind: oddeye driver, Ray workers/raylet/gcs, tansu, RTSP server."""
+    out: dict[str, int] = defaultdict(int)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            rss = next(
+                int(line.split()[1]) * 1024
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
+        except (OSError, StopIteration, ValueError):
+            continue
+        if "oddeye.cli run" in cmd:
+            kind = "driver"
+        elif "ray::IngestActor" in cmd or "ray::ModelActor" in cmd or "default_worker.py" in cmd:
+            kind = "ray workers"
+        elif "raylet" in cmd or "gcs_server" in cmd:
+            kind = "ray raylet+gcs"
+        elif "tansu" in cmd:
+            kind = "tansu (each)"
+        elif "rtsp_server.py" in cmd:
+            kind = "rtsp server"
+        else:
+            continue
+        out[kind] = max(out[kind], rss) if kind == "tansu (each)" else out[kind] + rss
+    return out
+
+
+class Watcher(threading.Thread):
+    """Scrapes /metrics and RSS once a second: the longest commit stall and peak memory."""
+
+    def __init__(self, metrics_port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = metrics_port
+        self.max_stall = 0.0
+        self.peak: dict[str, int] = defaultdict(int)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            with contextlib.suppress(Exception):
+                text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2).read().decode()
+                for line in text.splitlines():
+                    if line.startswith("oddeye_oldest_unacked_seconds{") and 'camera="kafka:' in line:
+                        self.max_stall = max(self.max_stall, float(line.rsplit(" ", 1)[1]))
+            for k, v in tree_rss().items():
+                self.peak[k] = max(self.peak[k], v)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+class Oddeye:
+    def __init__(self, config: Path, out: Path) -> None:
+        self.config, self.out = config, out
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self) -> None:
+        self.runs += 1
+        logf = open(self.out / f"run{self.runs}.log", "w")  # noqa: SIM115 (kept open for the child)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "oddeye.cli", "run", str(self.config), "--out", str(self.out)],
+            cwd=self.out, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(60)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(300)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+
+def lines(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
+
+
+def scored_seqs(out: Path, camera: str) -> Counter:
+    return Counter(r["seq"] for r in lines(out / "scores.jsonl") if r["camera_id"] == camera)
+
+
+def wait_for(what: str, cond, timeout_s: float, every: float = 1.0) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every)
+    return time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10 s outages, 60 s overload (about 6 minutes in all)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--capacity", type=float, default=40.0, help="pipeline capacity, frames/s (null model latency)")
+    args = ap.parse_args()
+    outage_s, overload_s = (10, 60) if args.quick else (30, 300)
+    capacity = args.capacity
+    base_rate = capacity / 2 - 5  # the RTSP camera adds 5 fps
+    work = Path(args.out or tempfile.mkdtemp(prefix="oddeye-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "out"
+    out.mkdir(exist_ok=True)
+    log(f"chaos run in {work}; capacity {capacity:.0f} fps, outages {outage_s} s, overload {overload_s} s")
+
+    src_port, sink_port, metrics_port = free_port(), free_port(), free_port()
+    broker = start_broker(src_port)
+    sink_broker = start_broker(sink_port)
+    for b in (broker,):
+        b.create_topic("frames", 2)
+        b.create_topic("frames.dlq", 1)
+    sink_broker.create_topic("oddeye.scores", 1)
+    camera = start_rtsp_server(width=160, height=120, fps=5)
+    cam_port = camera.port
+
+    model = create_model("null", image_size=[SIZE, SIZE], fail_marker=True, latency_ms=1000.0 * BATCH / capacity)
+    model.fit([torch.rand(4, 3, SIZE, SIZE)], progress=False)
+    ckpt = model.save(work / "null.pt")
+    cfg = {
+        "ray": {"num_cpus": 2},
+        "sources": [
+            {"type": "kafka", "bootstrap_servers": broker.bootstrap, "topics": ["frames"], "group_id": "chaos",
+             "dlq_topic": "frames.dlq", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+             "max_poll_records": 50, "queue_size": 64, "reconnect_max_s": 2.0, "max_message_bytes": 8_000_000},
+            {"type": "rtsp", "url": camera.url, "camera_id": "rtsp-cam", "reconnect_max_s": 2.0,
+             "open_timeout_s": 3.0, "read_timeout_s": 2.0, "queue_size": 16},
+        ],
+        "model": {"name": "null", "image_size": [SIZE, SIZE], "device": "cpu", "checkpoint": str(ckpt)},
+        "batching": {"max_batch_size": BATCH, "max_wait_ms": 50},
+        "alerts": {"threshold": 0.9},
+        "sinks": [
+            {"type": "jsonl"},
+            {"type": "kafka", "bootstrap_servers": sink_broker.bootstrap, "alerts_topic": None, "buffer_records": 500,
+             "connect_timeout_s": 1.0, "reconnect_max_s": 2.0},
+        ],
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+    }  # fmt: skip
+    config = work / "chaos.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    pub = Publisher(broker.bootstrap, "frames", marked_every=500)
+    odd = Oddeye(config, out)
+    watcher = Watcher(metrics_port)
+    watcher.start()
+    results: dict[str, object] = {}
+    try:
+        odd.start()
+        # 1. warm-up, then a broker restart once everything so far is committed
+        pub.publish(100, base_rate)
+        wait_for("warm-up scored", lambda: len(scored_seqs(out, KCAM)) >= 100, 600)
+        time.sleep(3)  # commits go out within a second
+        pub.close()
+        log("broker restart")
+        broker.stop()
+        time.sleep(3)
+        broker = start_broker(src_port)
+        broker.create_topic("frames", 2)
+        broker.create_topic("frames.dlq", 1)
+        t_back = time.monotonic()
+        warm = pub.seq
+        acked_before, marked_before = set(pub.acked), set(pub.marked)
+        pub = Publisher(broker.bootstrap, "frames", marked_every=500)
+        pub.seq, pub.acked, pub.marked = warm, acked_before, marked_before
+        stream = threading.Thread(target=pub.publish, args=(int(base_rate * 40), base_rate), daemon=True)
+        stream.start()
+        wait_for(
+            "a frame scored after the broker restart", lambda: max(scored_seqs(out, KCAM), default=-1) >= warm, 300, 0.2
+        )
+        results["broker_reconnect_s"] = time.monotonic() - t_back
+        log(f"source back {results['broker_reconnect_s']:.1f} s after the broker")
+        # 3. SIGKILL of the whole pipeline, then a restart
+        time.sleep(10)
+        log("SIGKILL pipeline")
+        odd.kill()
+        odd.start()
+        # 4. Kafka-sink outage
+        time.sleep(15)
+        log(f"sink outage {outage_s} s")
+        sink_broker.stop()
+        time.sleep(outage_s)
+        sink_broker = start_broker(sink_port)
+        sink_broker.create_topic("oddeye.scores", 1)
+        stream.join()
+        # 5. camera outage
+        log(f"camera outage {outage_s} s")
+        n_rtsp = len(scored_seqs(out, "rtsp-cam"))
+        camera.stop()
+        time.sleep(outage_s)
+        camera = start_rtsp_server(port=cam_port, width=160, height=120, fps=5)
+        t_cam = time.monotonic()
+        wait_for(
+            "RTSP frames after the camera returned", lambda: len(scored_seqs(out, "rtsp-cam")) > n_rtsp + 2, 300, 0.2
+        )
+        results["camera_reconnect_s"] = time.monotonic() - t_cam
+        log(f"camera back {results['camera_reconnect_s']:.1f} s after the server")
+        # 6. poison messages
+        poison = pub.poison()
+        # 7. 2x overload
+        log(f"overload: {2 * capacity - 5:.0f} fps for {overload_s} s")
+        pub.publish(int((2 * capacity - 5) * overload_s), 2 * capacity - 5)
+        # drain
+        expected = pub.acked - pub.marked
+        wait_for("every published frame scored", lambda: expected <= set(scored_seqs(out, KCAM)), 3600, 2.0)
+        time.sleep(3)
+        results["exit_code"] = odd.terminate()
+    finally:
+        watcher.stop.set()
+        if odd.proc is not None and odd.proc.poll() is None:
+            odd.kill()
+        pub.close()
+
+    # ---------------------------------------------------------------- counting
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        "frames.dlq",
+        bootstrap_servers=broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        max_partition_fetch_bytes=16 << 20,
+        fetch_max_bytes=64 << 20,
+    )
+    dlq = list(consumer)
+    consumer.close()
+    seqs = scored_seqs(out, KCAM)
+    dead = lines(out / "dead_letters.jsonl")
+    reasons = Counter()
+    dead_seqs = set()
+    for d in dead:
+        err = d["error"]
+        reason = ("marked frame" if "marked" in err else "max_pixels" if "max_pixels" in err else
+                  "too large" if "bytes" in err and "max" in err else "header" if "header" in err or "camera" in err
+                  else "decode")  # fmt: skip
+        reasons[reason] += 1
+        if d["camera_id"] == KCAM:
+            dead_seqs.add(d["seq"])
+    published = pub.acked
+    lost = sorted(published - set(seqs) - dead_seqs)
+    duplicates = sum(seqs.values()) - len(seqs)
+    dlq_poison = sum(1 for m in dlq if int(dict(m.headers).get("seq", b"0") or 0) >= 900_000 or not m.headers
+                     or dict(m.headers).get("camera_id") is None)  # fmt: skip
+    rtsp = lines(out / "scores.jsonl")
+    for b in (broker, sink_broker):
+        b.stop()
+    camera.stop()
+
+    print()
+    print(
+        f"machine: {os.uname().nodename} · {os.cpu_count()} CPU · outages {outage_s} s · overload {overload_s} s "
+        f"at 2× a capacity of {capacity:.0f} fps · pipeline runs: {odd.runs} · exit {results.get('exit_code')}"
+    )
+    print(
+        "| published (Kafka) | scored (unique) | dead-lettered | lost | duplicates | max commit stall (s) "
+        "| RTSP frames scored | broker reconnect (s) | camera reconnect (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    by_reason = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    rtsp_n = sum(1 for r in rtsp if r["camera_id"] == "rtsp-cam")
+    broker_s = results.get("broker_reconnect_s", float("nan"))
+    camera_s = results.get("camera_reconnect_s", float("nan"))
+    print(
+        f"| {len(published)} | {len(seqs)} | {sum(reasons.values())} ({by_reason}) | **{len(lost)}** | {duplicates} "
+        f"| {watcher.max_stall:.1f} | {rtsp_n} | {broker_s:.1f} | {camera_s:.1f} |"
+    )
+    print()
+    print(
+        f"poison messages sent: {len(poison)} ({', '.join(poison)}); in the DLQ topic: {dlq_poison}; "
+        f"marked frames: {len(pub.marked & published)}, in the DLQ topic: "
+        f"{sum(1 for m in dlq if dict(m.headers).get('error', b'').find(b'marked') >= 0)}"
+    )
+    print("peak RSS: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(watcher.peak.items())))
+    if lost:
+        print(f"LOST seqs (first 20): {lost[:20]}")
+
+
+if __name__ == "__main__":
+    main()
