@@ -7,7 +7,15 @@ from torch.nn.functional import conv2d, pad
 
 from oddeye.models.components.blur import gaussian_kernel1d
 
-__all__ = ["focal_loss", "ssim", "ssim_loss"]
+__all__ = ["binary_cross_entropy", "focal_loss", "ssim", "ssim_loss"]
+
+
+def binary_cross_entropy(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Mean BCE from probabilities; unlike torch's, a NaN input gives a NaN loss (so the trainer can stop
+    with the step number) instead of an exception."""
+    prob = prob.clamp(eps, 1 - eps)
+    target = target.to(prob.dtype)
+    return -(target * torch.log(prob) + (1 - target) * torch.log(1 - prob)).mean()
 
 
 def focal_loss(

@@ -4,7 +4,7 @@ https://arxiv.org/abs/2108.07610 — parameter names follow anomalib's ``Draem``
 reconstructive network learns to turn an image with a pasted defect back into the normal
 image; the discriminative network sees the image beside its reconstruction and segments
 the defect. At inference the segmentation is the anomaly map, and the image score is the
-maximum of its 21×21 local mean (as in the paper).
+maximum of its 21×21 local mean (as in the paper; the window scales with the image).
 
 Defects come from ``anomaly_source_path`` (e.g. DTD) or, with none, from the built-in
 procedural textures (``oddeye.models.components.synthesis``).
@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.functional import avg_pool2d, mse_loss
+from torch.nn.functional import mse_loss
 
 from oddeye.models.base import register
 from oddeye.models.components.losses import focal_loss, ssim_loss
+from oddeye.models.components.scoring import local_mean_max
 from oddeye.models.components.sspcab import SSPCAB
 from oddeye.models.components.synthesis import AnomalySynthesizer
 from oddeye.models.training import TrainedAnomalyModel
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 # The discriminative network halves the resolution five times.
 DOWNSAMPLING = 32
-# Window of the local mean whose maximum is the image score (the paper's 21×21).
-SCORE_POOL = 21
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -194,5 +193,4 @@ class Draem(TrainedAnomalyModel):
         reconstruction, _ = self.reconstructive(images)
         logits = self.discriminative(torch.cat([images, reconstruction], dim=1))
         amap = torch.softmax(logits, dim=1)[:, 1]
-        pooled = avg_pool2d(amap[:, None], SCORE_POOL, stride=1, padding=SCORE_POOL // 2, count_include_pad=False)
-        return pooled.flatten(1).amax(dim=1), amap
+        return local_mean_max(amap), amap

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.functional import avg_pool2d, interpolate, max_pool2d, mse_loss
+from torch.nn.functional import interpolate, max_pool2d, mse_loss
 
 from oddeye.models.base import FitError, register
 from oddeye.models.components.losses import focal_loss
+from oddeye.models.components.scoring import local_mean_max
 from oddeye.models.components.synthesis import IMAGE_EXTENSIONS, AnomalySynthesizer, perlin_mask, resize_mask
 from oddeye.models.training import TrainedAnomalyModel
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 # Encoders reduce 8×, and the subspace restriction U-Nets pool the 1/8 features twice more.
 DOWNSAMPLING = 32
-SCORE_POOL = 21
 COMMITMENT = 0.25
 
 
@@ -403,10 +403,9 @@ class Dsr(TrainedAnomalyModel):
     # -- scoring
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw score [B] (maximum of the 21×21 local mean of the map) and anomaly map [B, H, W]."""
+        """Raw score [B] (maximum of the map's local mean, 21×21 at 256 px) and anomaly map [B, H, W]."""
         images = images.to(self.device)
         seg, general, specific = self._segment(images)
         refined = torch.softmax(self.upsampling(torch.cat([general, specific, seg.softmax(dim=1)], dim=1)), dim=1)
         amap = refined[:, 1]
-        pooled = avg_pool2d(amap[:, None], SCORE_POOL, stride=1, padding=SCORE_POOL // 2, count_include_pad=False)
-        return pooled.flatten(1).amax(dim=1), amap
+        return local_mean_max(amap), amap

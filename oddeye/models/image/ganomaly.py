@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.functional import binary_cross_entropy, l1_loss, mse_loss
+from torch.nn.functional import l1_loss, mse_loss
 
 from oddeye.models.base import register
+from oddeye.models.components.losses import binary_cross_entropy
 from oddeye.models.training import TrainedAnomalyModel
 
 __all__ = ["Ganomaly"]

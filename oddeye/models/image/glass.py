@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.functional import adaptive_avg_pool1d, binary_cross_entropy, interpolate, unfold
+from torch.nn.functional import adaptive_avg_pool1d, interpolate, unfold
 
 from oddeye.models.base import register
 from oddeye.models.components import GaussianBlur2d, TimmFeatureExtractor
-from oddeye.models.components.losses import focal_loss
+from oddeye.models.components.losses import binary_cross_entropy, focal_loss
 from oddeye.models.components.synthesis import AnomalySynthesizer, resize_mask
 from oddeye.models.training import TrainedAnomalyModel
 
