@@ -93,3 +93,15 @@ def test_eval_bad_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert "neither a dataset category nor a folder of categories" in capsys.readouterr().err
     assert main(["fit", str(_config(tmp_path)), "--data", str(tmp_path / "empty")]) == 1
     assert "not a dataset category" in capsys.readouterr().err
+
+
+def test_fit_one_category_keeps_the_users_checkpoint_path(tmp_path: Path, images: Path) -> None:
+    """`fit --data D/images/brick --set model.checkpoint=X.pt` writes X.pt: `run`/`eval` with that --set find it."""
+    cfg = _config(tmp_path)
+    ckpt = tmp_path / "X.pt"
+    assert main(["fit", str(cfg), "--data", str(images / "brick"), "--set", f"model.checkpoint={ckpt}"]) == 0
+    assert ckpt.is_file() and not (tmp_path / "X-brick.pt").exists()
+    out_json = tmp_path / "r.json"
+    argv = ["eval", str(cfg), "--data", str(images / "brick"), "--set", f"model.checkpoint={ckpt}"]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["categories"]["brick"]["fit_seconds"] is None  # loaded X.pt
