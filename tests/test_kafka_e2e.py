@@ -84,7 +84,7 @@ def _lines(path: Path) -> list[dict]:
     return out
 
 
-def _finish(proc: subprocess.Popen, timeout_s: float = 120) -> str:
+def _finish(proc: subprocess.Popen, timeout_s: float = 300) -> str:
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -134,14 +134,15 @@ def test_publish_crash_restart_no_loss_and_dead_letters(kafka_broker, fitted_che
     scores = tmp_path / "out" / "scores.jsonl"
 
     run1 = _oddeye("run", str(cfg), "--out", "out", "--idle-timeout", "8", cwd=tmp_path)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240  # Ray's start-up alone takes a minute on a loaded 2-core machine
     while len(_lines(scores)) < 60:
         assert run1.poll() is None, run1.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no scores from the first run within 90 s"
+        assert time.monotonic() < deadline, "no scores from the first run within 240 s"
         time.sleep(0.2)
     _kill_group(run1)
     before_restart = _lines(scores)
     assert len(before_restart) < n, "the crash must happen part-way through the stream"
+    committed = _committed(kafka_broker.bootstrap, group).get(0, 0)  # where run 2 starts reading
 
     out, err = publisher.communicate(timeout=60)
     assert publisher.returncode == 0, err[-2000:]
@@ -155,15 +156,20 @@ def test_publish_crash_restart_no_loss_and_dead_letters(kafka_broker, fitted_che
     keys = Counter((r["camera_id"], r["seq"]) for r in records)
     assert set(keys) == {("cam-a", i) for i in range(n)}, "frames lost"
     duplicates = sum(keys.values()) - n
-    # The uncommitted tail: frames queued or in flight, plus those scored since the last commit
+    # Duplicates come only from the uncommitted tail: the frames run 1 scored at or above the offset
+    # it had committed when it was killed, each scored once more by run 2 (which starts there).
+    offset_of = {r["seq"]: r["origin"]["offset"] for r in records}
+    run1 = {r["seq"] for r in before_restart}
+    tail_scored = {seq for seq in run1 if offset_of[seq] >= committed}
+    repeated = {seq for (_, seq), c in keys.items() if c > 1}
+    assert repeated == tail_scored, f"duplicates {sorted(repeated - tail_scored)} outside the tail ≥ offset {committed}"
+    assert max(keys.values()) <= 2 and duplicates == len(tail_scored)
+    assert all(keys[("cam-a", seq)] == 1 for seq in run1 if offset_of[seq] < committed), "committed frames re-scored"
+    # And the tail is bounded: frames queued or in flight, plus those scored since the last commit
     # (acks go out every 0.2 s, the source commits at most every 0.5 s; allow 2 s of a 40 fps
-    # stream on a loaded 2-core machine). Which frames repeat is checked exactly below.
-    tail = QUEUE_SIZE + MAX_POLL + 2 * BATCH + 2 * PUBLISH_FPS
-    assert duplicates <= tail, f"{duplicates} duplicates: more than the uncommitted tail"
-    # run 2 re-delivered only frames above run 1's last commit: every duplicate is one of run 1's last frames
-    first_dup = min((seq for (_, seq), c in keys.items() if c > 1), default=None)
-    if first_dup is not None:
-        assert all(c == 1 for (_, seq), c in keys.items() if seq < first_dup)
+    # stream on a loaded 2-core machine).
+    bound = QUEUE_SIZE + MAX_POLL + 2 * BATCH + 2 * PUBLISH_FPS
+    assert duplicates <= bound, f"{duplicates} duplicates: more than the uncommitted tail can hold ({bound})"
 
     dead = _lines(tmp_path / "out" / "dead_letters.jsonl")
     assert {d["origin"]["offset"] for d in dead} == {0, 1}
@@ -192,19 +198,29 @@ def test_two_ingest_actors_share_four_partitions(kafka_broker, fitted_checkpoint
 
     cfg = _config(tmp_path, fitted_checkpoint, kafka_broker.bootstrap, topic, group, replicas=2)
     out = _finish(_oddeye("run", str(cfg), "--out", "out", "--idle-timeout", "6", cwd=tmp_path))
-    assert "200 scored" in out, out
     records = _lines(tmp_path / "out" / "scores.jsonl")
+    assert f"{len(records)} scored" in out, out
     keys = Counter((r["camera_id"], r["seq"]) for r in records)
-    assert set(keys) == {(f"cam-{p}", i) for p in range(4) for i in range(50)}
-    assert max(keys.values()) == 1, "a frame scored twice in one run"
+    assert set(keys) == {(f"cam-{p}", i) for p in range(4) for i in range(50)}, "frames lost"
+    # At-least-once: a rebalance while the second member joins may hand a partition over with frames
+    # read but not yet committed, which its new owner reads again. The design promises no loss, not
+    # no duplicates; they are bounded by what one member can hold uncommitted per partition it gives up.
+    duplicates = sum(keys.values()) - 200
+    bound = 2 * (QUEUE_SIZE + MAX_POLL + 2 * BATCH)
+    assert duplicates <= bound, f"{duplicates} duplicates in one run: more than two members can hold ({bound})"
     assert {r["origin"]["partition"] for r in records} == {0, 1, 2, 3}
 
     # every offset was committed at the clean stop: a restart would find nothing new
+    assert _committed(kafka_broker.bootstrap, group) == {0: 50, 1: 50, 2: 50, 3: 50}
+
+
+def _committed(bootstrap: str, group: str) -> dict[int, int]:
+    """The consumer group's committed offset of each partition."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         committed = admin.list_group_offsets({group: None})[group]
     finally:
         admin.close()
-    assert {tp.partition: om.offset for tp, om in committed.items()} == {0: 50, 1: 50, 2: 50, 3: 50}
+    return {tp.partition: om.offset for tp, om in committed.items()}
