@@ -144,3 +144,25 @@ def test_bad_parameters() -> None:
         WinClip(backbone="no-such-clip", pre_trained=False)
     with pytest.raises(ValueError, match="k_shot must be 0"):
         tiny(k_shot=-1)
+
+
+def test_zero_shot_config_is_prepared_without_reading_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oddeye.config import load_config
+    from oddeye.models.base import load_model
+    from oddeye.pipeline import fit
+
+    def no_frames(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a zero-shot model read fit frames")
+
+    monkeypatch.setattr(fit, "collect_fit_images", no_frames)
+    overrides = [
+        f"model.params.backbone={TINY}",
+        "model.params.pre_trained=false",
+        f"model.image_size=[{SIZE},{SIZE}]",
+        f"model.checkpoint={tmp_path / 'winclip.pt'}",
+    ]
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "winclip.yaml", overrides)
+    assert cfg.fit.auto  # `oddeye run` prepares it when the checkpoint is missing
+    model, path = fit.fit_from_config(cfg, progress=False)
+    assert path.is_file() and isinstance(load_model(path), WinClip)
+    assert model(torch.rand(2, 3, SIZE, SIZE)).score.shape == (2,)
