@@ -188,6 +188,7 @@ class Draem(TrainedAnomalyModel):
         return out
 
     # -- scoring
+    @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.discriminative.out.weight.device)
         reconstruction, _ = self.reconstructive(images)
