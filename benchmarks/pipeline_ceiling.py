@@ -7,7 +7,10 @@ process per core). Also reports what passes through the driver: pickled bytes of
 model results per frame (pixels travel by object-store reference and must not appear here) and
 driver CPU µs per frame.
 
-    python benchmarks/pipeline_ceiling.py [--frames 400] [--cameras 1 4 16] [--size 256]
+    python benchmarks/pipeline_ceiling.py [--frames 400] [--cameras 1 4 16] [--size 256] [--busy N]
+
+``--busy N`` adds N single-threaded CPU-bound processes beside the run (a busy camera server):
+the pipeline's frames/s should fall no further than the CPU share it loses, N/(N + cores).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ import numpy as np
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _spin(stop_at: float) -> None:
+    x = 0
+    while time.time() < stop_at:
+        x += 1
 
 
 def _decode_all(paths: list[str]) -> int:
@@ -118,6 +127,7 @@ def main() -> None:
     ap.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound competing processes during the pipeline runs")
     args = ap.parse_args()
 
     import ray
@@ -134,12 +144,22 @@ def main() -> None:
     rows = []
     for cams in args.cameras:
         limit = decode_limit(paths, cams)
-        res = run_pipeline(tmp / "frames", ckpt, cams, args.size, args.batch)
+        hogs = [mp.get_context("spawn").Process(target=_spin, args=(time.time() + 3600,)) for _ in range(args.busy)]
+        for h in hogs:
+            h.start()
+        try:
+            res = run_pipeline(tmp / "frames", ckpt, cams, args.size, args.batch)
+        finally:
+            for h in hogs:
+                h.kill()
         if ray.is_initialized():
             ray.shutdown()
         rows.append((cams, limit, res))
 
-    print(f"machine: {platform.node()} · {os.cpu_count()} CPU · torch {torch.__version__} · {args.size}² JPEG q90")
+    busy = f" · {args.busy} competing CPU-bound process(es)" if args.busy else ""
+    print(
+        f"machine: {platform.node()} · {os.cpu_count()} CPU · torch {torch.__version__} · {args.size}² JPEG q90{busy}"
+    )
     print(
         "| cameras | frames | decode-only limit (fps) | pipeline, null model (fps) | ratio | driver bytes/frame "
         "| driver CPU µs/frame |"

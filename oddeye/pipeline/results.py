@@ -46,7 +46,7 @@ class ResultHandler:
         sinks: Sequence[Sink],
         alerts: AlertTracker,
         telemetry: Telemetry,
-        threshold_for: Callable[[str], float],
+        threshold_for: Callable[[str], float | str],
         snapshots: Any = None,
         fetch_image: Callable[[Frame], np.ndarray | None] | None = None,
     ) -> None:
@@ -92,13 +92,18 @@ class ResultHandler:
         for i in keep:
             f = frames[i]
             score = float(res.scores[i])
+            threshold = self.threshold_for(f.camera_id)
+            if threshold == "auto":  # the model decides (e.g. U-Flow's NFA test)
+                label = bool(res.labels[i]) if res.labels is not None else False
+            else:
+                label = score >= threshold
             latency = now - f.meta.get("t_ingest", now)
             sf = ScoredFrame(
                 camera_id=f.camera_id,
                 seq=f.seq,
                 timestamp=f.timestamp,
                 score=score,
-                label=bool(score >= self.threshold_for(f.camera_id)),
+                label=label,
                 model=res.model,
                 latency_ms=latency * 1000.0,
                 origin=f.origin,

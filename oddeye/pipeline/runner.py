@@ -126,7 +126,7 @@ class Pipeline:
         self.summary = RunSummary()
         self._stop_reason: str | None = None
         self._stop_event = threading.Event()
-        self._thresholds: dict[str, float] = {}
+        self._thresholds: dict[str, float | str] = {}
         self._handle_signals = False
         self._batcher: Batcher | None = None
         self._inflight: deque[_Inflight] = deque()
@@ -188,10 +188,19 @@ class Pipeline:
         thresholds = [cfg.alerts.policy_for()["threshold"]] + [
             cfg.alerts.policy_for(c)["threshold"] for c in cfg.alerts.cameras
         ]
-        map_threshold = min(thresholds) - cfg.alerts.hysteresis  # frames that can open or keep an alert
+        numeric = [t for t in thresholds if t != "auto"]
+        # Maps come back for frames that can open or keep an alert: at or above the lowest threshold
+        # less the hysteresis, or (threshold: auto) labelled anomalous by the model itself.
+        map_threshold = min(numeric) - cfg.alerts.hysteresis if numeric else 2.0
+        labels_alert = "auto" in thresholds
         self.replicas = [
             ModelActor.options(**opts).remote(
-                store_name, namespace, device, cfg.model.num_threads, map_threshold=map_threshold
+                store_name,
+                namespace,
+                device,
+                cfg.model.num_threads,
+                map_threshold=map_threshold,
+                labels_alert=labels_alert,
             )
             for _ in range(cfg.model.replicas)
         ]
@@ -431,7 +440,7 @@ class Pipeline:
     def _all_sources_done(self) -> bool:
         return all(s.done for s in self.sources)
 
-    def _threshold(self, camera_id: str) -> float:
+    def _threshold(self, camera_id: str) -> float | str:
         if camera_id not in self._thresholds:
             self._thresholds[camera_id] = self.cfg.alerts.policy_for(camera_id)["threshold"]
         return self._thresholds[camera_id]

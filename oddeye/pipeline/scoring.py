@@ -49,6 +49,8 @@ class BatchResult:
     """Frames (by index) that were not scored, with the reason (a video model's clip still filling)."""
     clip_resets: dict[str, int] = field(default_factory=dict)
     """Cumulative per-camera clip buffer resets of this replica, by reason (gap, reorder, resolution)."""
+    labels: np.ndarray | None = None
+    """The model's own per-frame decision (e.g. U-Flow's NFA test), for ``alerts.threshold: auto``."""
     failed: dict[int, str] = field(default_factory=dict)
     """Frames (by index) the model failed on, with the error: they go to the dead-letter path while
     the rest of the batch is scored (a failing batch is retried frame by frame to find them)."""
@@ -73,15 +75,22 @@ def configure_threads(num_threads: int | None) -> int:
 
 class ModelWorker:
     def __init__(
-        self, checkpoint: str | bytes, device: str = "auto", num_threads: int | None = None, map_threshold: float = 0.0
+        self,
+        checkpoint: str | bytes,
+        device: str = "auto",
+        num_threads: int | None = None,
+        map_threshold: float = 0.0,
+        labels_alert: bool = False,
     ) -> None:
         """``checkpoint`` is a path or the checkpoint's bytes (how the driver ships it to any node).
 
         ``map_threshold``: anomaly maps go back only for frames scoring at or above it (the lowest
-        alert threshold: frames that can open or update an alert), unless a call asks for all.
+        alert threshold: frames that can open or update an alert), unless a call asks for all;
+        ``labels_alert``: also for frames the model itself labels anomalous (``threshold: auto``).
         """
         self.num_threads = configure_threads(num_threads)
         self.map_threshold = float(map_threshold)
+        self.labels_alert = bool(labels_alert)
         self.device = resolve_device(device)
         self.model = load_model(checkpoint, map_location="cpu").to(self.device).eval()
         self.name = self.model.name
@@ -154,9 +163,16 @@ class ModelWorker:
             # Results are laid out per input frame; skipped frames keep NaN and no map.
             scores = np.full(len(frames), np.nan, np.float32)
             scores[index] = got
+            labels = np.zeros(len(frames), bool)
+            if pred.label is not None:
+                labels[index] = pred.label.cpu().numpy().astype(bool)
             maps = None
             if pred.anomaly_map is not None and want_maps != "none":
-                rows = [k for k, j in enumerate(index) if want_maps == "all" or scores[j] >= self.map_threshold]
+                rows = [
+                    k
+                    for k, j in enumerate(index)
+                    if want_maps == "all" or scores[j] >= self.map_threshold or (self.labels_alert and labels[j])
+                ]
                 maps = {}
                 if rows:
                     sel = pred.anomaly_map[rows].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
@@ -176,13 +192,16 @@ class ModelWorker:
             return BatchResult(
                 np.zeros(0, np.float32), None, None, time.perf_counter() - t0, self.name, f"{type(e).__name__}: {e}"
             )
-        return BatchResult(scores, maps, boxes, time.perf_counter() - t0, self.name, None, skipped, resets)
+        return BatchResult(
+            scores, maps, boxes, time.perf_counter() - t0, self.name, None, skipped, resets, labels=labels
+        )
 
     def _one_by_one(
         self, frames: list[Frame], images: np.ndarray | list[np.ndarray], want_maps: str, t0: float
     ) -> BatchResult:
         """Score each frame alone, so that only the frames the model fails on are dead letters."""
         scores = np.full(len(frames), np.nan, np.float32)
+        labels = np.zeros(len(frames), bool)
         maps: dict[int, np.ndarray] = {}
         failed: dict[int, str] = {}
         for i, f in enumerate(frames):
@@ -191,6 +210,7 @@ class ModelWorker:
                 failed[i] = one.error
                 continue
             scores[i] = one.scores[0]
+            labels[i] = bool(one.labels[0]) if one.labels is not None else False
             if one.anomaly_maps and 0 in one.anomaly_maps:
                 maps[i] = one.anomaly_maps[0]
-        return BatchResult(scores, maps, None, time.perf_counter() - t0, self.name, None, {}, {}, failed)
+        return BatchResult(scores, maps, None, time.perf_counter() - t0, self.name, None, labels=labels, failed=failed)

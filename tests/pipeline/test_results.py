@@ -118,3 +118,13 @@ def test_frames_the_model_failed_on_are_dead_letters_and_the_rest_is_scored() ->
     out = h.handle(frames(3), res)
     assert out.finished == {0: [100, 102]} and out.dead == {0: [(101, "ValueError: bad", "model_error")]}
     assert [f.seq for f in sink.frames] == [0, 2]
+
+
+def test_threshold_auto_takes_the_models_own_labels() -> None:
+    sink = Recorder()
+    alerts = AlertTracker(AlertPolicy(threshold="auto", min_frames=1, cooldown_s=0.0), model="uflow")
+    h = ResultHandler([sink], alerts, Telemetry(), lambda cam: "auto")
+    res = BatchResult(np.array([0.9, 0.1], np.float32), {}, None, 0.0, "uflow", labels=np.array([False, True]))
+    h.handle(frames(2), res)
+    assert [f.label for f in sink.frames] == [False, True]  # the NFA test, not the score
+    assert [(a.state, a.start_seq) for a in sink.alerts] == [("open", 1)]
