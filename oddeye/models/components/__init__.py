@@ -12,6 +12,7 @@ from oddeye.models.components.multivariate_gaussian import GaussianAccumulator, 
 from oddeye.models.components.nearest_neighbors import MemoryBank, knn, squared_distances
 from oddeye.models.components.pca import PCA
 from oddeye.models.components.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+from oddeye.models.components.vit_features import ViTFeatureExtractor
 
 __all__ = [
     "PCA",
@@ -29,6 +30,7 @@ __all__ = [
     "SparseRandomProjection",
     "TimmFeatureExtractor",
     "TorchFXFeatureExtractor",
+    "ViTFeatureExtractor",
     "WeightsUnavailableError",
     "gaussian_kernel1d",
     "johnson_lindenstrauss_min_dim",
