@@ -59,6 +59,9 @@ class ResultHandler:
         self.scored = 0
         self.alerts_opened = 0
         self.dropped: dict[str, int] = {}
+        self._known: set[str] = set()
+        for sink in self.sinks:
+            telemetry.register_sink(type(sink).__name__)
 
     # ------------------------------------------------------------------ batches
     def handle(self, frames: list[Frame], res: BatchResult) -> BatchOutcome:
@@ -114,7 +117,9 @@ class ResultHandler:
             )
             sf.meta["_frame"] = f  # for a snapshot's pixels; not part of any wire format
             scored.append(sf)
-            t.camera_seen(f.camera_id, res.model)
+            if f.camera_id not in self._known:  # every per-camera series exists from the first frame, at 0
+                self._known.add(f.camera_id)
+                t.register_camera(f.camera_id, res.model)
             t.anomaly_score.labels(f.camera_id, res.model).observe(score)
             t.last_score.labels(f.camera_id, res.model).set(score)
             t.end_to_end.labels(f.camera_id).observe(latency)
@@ -178,6 +183,16 @@ class ResultHandler:
         log.warning("dead letter %s/%s (%s): %s", frame.camera_id, frame.seq, reason, error)
         for sink in self.sinks:
             self.safe(sink, "write_dead_letter", frame, error)
+
+    def expire_idle(self) -> None:
+        """Forget cameras idle past the alert tracker's ``idle_expire_s``: close their alerts, drop their series."""
+
+        expired: list[str] = []
+        for alert in self.alerts.expire_idle(on_expire=expired.append):
+            self.emit_alert(alert, None)
+        for camera_id in expired:  # after the close events, which update the camera's series once more
+            self._known.discard(camera_id)
+            self.telemetry.forget_camera(camera_id)
 
     def close_all(self) -> None:
         for alert in self.alerts.close_all():

@@ -50,6 +50,7 @@ from oddeye.sinks.base import Sink
 log = logging.getLogger(__name__)
 
 ACK_INTERVAL_S = 0.2  # how often confirmed frames are acknowledged to their sources, even when idle
+EXPIRY_INTERVAL_S = 10.0  # how often idle cameras' alert state and metric series are dropped
 
 
 class PipelineError(RuntimeError):
@@ -132,6 +133,7 @@ class Pipeline:
         self._inflight: deque[_Inflight] = deque()
         self._acks: AckTracker | None = None
         self._last_ack_t = 0.0
+        self._last_expiry_t = time.monotonic()
         self._ack_refs: list[Any] = []
         self._t_first_frame: float | None = None
         self._clip_resets: dict[int, dict[str, int]] = {}
@@ -258,11 +260,15 @@ class Pipeline:
         self.want_maps = "all" if any(getattr(s, "wants_maps", False) for s in self.sinks) else "alerting"
         policy = AlertPolicy(**cfg.alerts.policy_for())
         overrides = {cam: AlertPolicy(**cfg.alerts.policy_for(cam)) for cam in cfg.alerts.cameras}
-        alerts = AlertTracker(policy, model=self.model_name, overrides=overrides)
+        alerts = AlertTracker(
+            policy, model=self.model_name, overrides=overrides, idle_expire_s=cfg.alerts.idle_expire_s
+        )
         self.results = ResultHandler(
             self.sinks, alerts, self.telemetry, self._threshold, snapshots=snapshots, fetch_image=self._fetch_image
         )
         self._acks = AckTracker(self.sinks)
+        for s in self.sources:
+            self.telemetry.register_camera(s.camera_id, self.model_name)
         if cfg.metrics.enabled:
             self.summary.metrics_port = self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
 
@@ -418,6 +424,9 @@ class Pipeline:
                     self.summary.stream_seconds = time.monotonic() - self._t_first_frame
             if time.monotonic() - self._last_ack_t >= ACK_INTERVAL_S:
                 self._send_acks()  # on a timer: an idle stream's last frames are committed too
+            if time.monotonic() - self._last_expiry_t >= EXPIRY_INTERVAL_S:
+                self._last_expiry_t = time.monotonic()
+                self.results.expire_idle()
             if len(self._dead_replicas) == len(self.replicas):
                 self.summary.error = "every model replica died and could not be restarted"
                 raise PipelineError(self.summary.error)

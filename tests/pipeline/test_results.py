@@ -128,3 +128,19 @@ def test_threshold_auto_takes_the_models_own_labels() -> None:
     h.handle(frames(2), res)
     assert [f.label for f in sink.frames] == [False, True]  # the NFA test, not the score
     assert [(a.state, a.start_seq) for a in sink.alerts] == [("open", 1)]
+
+
+def test_idle_cameras_expire_their_alerts_close_and_their_series_go() -> None:
+    sink = Recorder()
+    clock = [1000.0]
+    alerts = AlertTracker(
+        AlertPolicy(threshold=0.5, min_frames=1, cooldown_s=0.0), model="m", idle_expire_s=60, clock=lambda: clock[0]
+    )
+    h = ResultHandler([sink], alerts, Telemetry(), lambda cam: 0.5)
+    h.handle(frames(1), BatchResult(np.array([0.9], np.float32), {}, None, 0.0, "m"))
+    assert h.telemetry.value("oddeye_dead_letters_total", {"camera": "cam", "reason": "model_error"}) == 0
+    assert [a.state for a in sink.alerts] == ["open"]
+    clock[0] += 61
+    h.expire_idle()
+    assert [a.state for a in sink.alerts] == ["open", "close"]
+    assert h.telemetry.forget_camera("cam") == 0  # its series are already gone
