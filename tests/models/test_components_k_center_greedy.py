@@ -62,3 +62,23 @@ def test_rejects_bad_arguments() -> None:
         KCenterGreedy([torch.randn(5, 3), torch.randn(5, 4)], 0.5)
     with pytest.raises(ValueError, match="no rows"):
         KCenterGreedy(torch.empty(0, 3), 0.5)
+
+
+def _radius(x: torch.Tensor, idx: torch.Tensor) -> float:
+    return float(torch.cdist(x, x[idx]).min(dim=1).values.max())
+
+
+def test_batched_rounds_pick_like_one_at_a_time_and_approximate_rounds_cover_as_well() -> None:
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.randn(40, 16, generator=gen) * 4
+    x = centres[torch.randint(40, (4000,), generator=gen)] + torch.randn(4000, 16, generator=gen)
+    one = KCenterGreedy(x, 0.02, seed=2, batch_size=1).select_coreset_idxs()
+    batched = KCenterGreedy(x, 0.02, seed=2, batch_size=16).select_coreset_idxs()
+    assert batched.tolist() == one.tolist()  # exact rounds: the same picks in the same order
+    approx = KCenterGreedy(x, 0.02, seed=2, batch_size=32, tolerance=0.1).select_coreset_idxs()
+    assert approx.numel() == one.numel() == 80 and len(set(approx.tolist())) == 80
+    assert _radius(x, approx) <= 1.2 * _radius(x, one)  # coverage (largest distance to a centre) stays close
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        KCenterGreedy(x, 0.02, batch_size=0)
+    with pytest.raises(ValueError, match=r"tolerance must be in \[0, 1\)"):
+        KCenterGreedy(x, 0.02, tolerance=1.0)
