@@ -33,7 +33,7 @@ from torch.nn.functional import interpolate, max_pool2d, mse_loss
 from oddeye.models.base import FitError, register
 from oddeye.models.components.losses import focal_loss
 from oddeye.models.components.scoring import local_mean_max
-from oddeye.models.components.synthesis import IMAGE_EXTENSIONS, AnomalySynthesizer, perlin_mask, resize_mask
+from oddeye.models.components.synthesis import IMAGE_EXTENSIONS, AnomalySynthesizer, perlin_mask
 from oddeye.models.training import TrainedAnomalyModel
 
 __all__ = ["Dsr"]
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # Encoders reduce 8×, and the subspace restriction U-Nets pool the 1/8 features twice more.
 DOWNSAMPLING = 32
 COMMITMENT = 0.25
+# During the VQ stage, unused codes are moved onto current features every this many steps.
+RESTART_EVERY = 5
 
 
 class _Residual(nn.Module):
@@ -77,6 +79,23 @@ class VectorQuantizer(nn.Module):
     def lookup(self, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         b, d, h, w = shape
         return self.embedding(indices).view(b, h, w, d).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, x: torch.Tensor, generator: torch.Generator) -> int:
+        """Move codes no feature of ``x`` uses onto random features of ``x``; returns how many moved.
+
+        Without this a codebook trained from scratch on a few images collapses onto a handful of
+        codes (the paper starts from an ImageNet-trained codebook instead).
+        """
+        flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        used = torch.zeros(self.embedding.num_embeddings, dtype=torch.bool, device=x.device)
+        used[self.distances(x).argmin(dim=1)] = True
+        dead = (~used).nonzero().flatten()
+        if dead.numel():
+            pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator).to(x.device)
+            noise = 0.01 * flat.std() * torch.randn(dead.numel(), flat.shape[1], generator=generator).to(x.device)
+            self.embedding.weight[dead] = flat[pick] + noise
+        return int(dead.numel())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantised features (straight-through) and the VQ loss."""
@@ -232,7 +251,10 @@ class Dsr(TrainedAnomalyModel):
         # The object-specific decoder: the general decoder's shape, its own weights.
         self.object_decoder = QuantizedDecoder(num_hiddens, num_residual_layers, num_residual_hiddens, dim)
         self.detection = UNet(6, 2, base_width, depth=3)
+        # The upsampling module refines the detection logits: it adds a correction, starting from none.
         self.upsampling = UNet(8, 2, base_width, depth=3)
+        nn.init.zeros_(self.upsampling.out.weight)
+        nn.init.zeros_(self.upsampling.out.bias)
         self._phase_steps = (0, 0)
         self._vq_images: torch.Tensor | None = None
         self._generator = torch.Generator()
@@ -282,6 +304,11 @@ class Dsr(TrainedAnomalyModel):
         enc = self.discrete.encode(images)
         general, specific, _, _ = self._decode_both(enc["q_top"], enc["q_bot"])
         return self.detection(torch.cat([specific, general], dim=1)), general, specific
+
+    def _refine(self, seg: torch.Tensor, general: torch.Tensor, specific: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, 2, H, W]: the detection logits plus the upsampling module's correction."""
+        correction = self.upsampling(torch.cat([general, specific, seg.softmax(dim=1)], dim=1))
+        return torch.softmax(seg + correction, dim=1)
 
     # -- training: three phases on the shared trainer
     def configure_optimizers(self) -> Any:
@@ -353,6 +380,10 @@ class Dsr(TrainedAnomalyModel):
                 idx = torch.randint(0, len(self._vq_images), (batch.shape[0],), generator=self._generator)
                 images = self._vq_images[idx].to(batch.device)
             enc = self.discrete.encode(images)
+            if step % RESTART_EVERY == 0:
+                self.discrete.vq_top.restart_dead_codes(enc["top"].detach(), self._generator)
+                self.discrete.vq_bot.restart_dead_codes(enc["bot"].detach(), self._generator)
+                enc = self.discrete.encode(images)
             recon = self.discrete.decode(enc["q_top"], enc["q_bot"])
             recon_loss = mse_loss(recon, images)
             loss = recon_loss + enc["vq_loss"]
@@ -364,18 +395,20 @@ class Dsr(TrainedAnomalyModel):
 
     def _main_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         b, _, h, w = batch.shape
-        masks = torch.zeros(b, 1, h, w)
-        for i in range(b):
-            if float(torch.rand((), generator=self._generator)) < 0.5:
-                masks[i, 0] = perlin_mask((h, w), self._generator, min_area=1 / (h * w))
-        masks = masks.to(batch.device)
         with torch.no_grad():
             enc = self.discrete.encode(batch)
-            m_top = resize_mask(masks, enc["q_top"].shape[-2:])
-            m_bot = resize_mask(masks, enc["q_bot"].shape[-2:])
+            # Perlin masks drawn at the 1/4 feature grid (never empty for an anomalous image); a 1/8 cell is
+            # anomalous when any of its 1/4 cells is, and the pixel mask covers both.
+            hb, wb = enc["q_bot"].shape[-2:]
+            m_bot = torch.zeros(b, 1, hb, wb)
+            for i in range(b):
+                if float(torch.rand((), generator=self._generator)) < 0.5:
+                    m_bot[i, 0] = perlin_mask((hb, wb), self._generator, min_area=1 / (hb * wb))
+            m_bot = m_bot.to(batch.device)
+            m_top = max_pool2d(m_bot, 2)
             a_top = self._latent_anomalies(self.discrete.vq_top, enc["top"], m_top)
             a_bot = self._latent_anomalies(self.discrete.vq_bot, enc["bot"], m_bot)
-            mask = resize_mask(torch.maximum(interpolate(m_top, size=(h, w)), interpolate(m_bot, size=(h, w))), (h, w))
+            mask = interpolate(torch.maximum(m_bot, interpolate(m_top, size=(hb, wb))), size=(h, w))
         general, specific, nq_top, nq_bot = self._decode_both(a_top, a_bot)
         seg = torch.softmax(self.detection(torch.cat([specific, general.detach()], dim=1)), dim=1)[:, 1:]
         feat_loss = mse_loss(nq_top, enc["q_top"]) + mse_loss(nq_bot, enc["q_bot"])
@@ -395,7 +428,7 @@ class Dsr(TrainedAnomalyModel):
         augmented, mask = self.synthesizer(batch)
         with torch.no_grad():
             seg, general, specific = self._segment(augmented)
-        refined = torch.softmax(self.upsampling(torch.cat([general, specific, seg.softmax(dim=1)], dim=1)), dim=1)
+        refined = self._refine(seg, general, specific)
         loss = focal_loss(refined[:, 1:], mask)
         self._optimise(2, loss)
         return {"loss": loss.detach(), "upsampling_focal": loss.detach()}
@@ -406,6 +439,5 @@ class Dsr(TrainedAnomalyModel):
         """Raw score [B] (maximum of the map's local mean, 21×21 at 256 px) and anomaly map [B, H, W]."""
         images = images.to(self.device)
         seg, general, specific = self._segment(images)
-        refined = torch.softmax(self.upsampling(torch.cat([general, specific, seg.softmax(dim=1)], dim=1)), dim=1)
-        amap = refined[:, 1]
+        amap = self._refine(seg, general, specific)[:, 1]
         return local_mean_max(amap), amap
