@@ -76,11 +76,15 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = [bench(name, MODELS[name], args) for name in args.models.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        rows.append(bench(name, MODELS[name], args))
+        print(json.dumps(rows[-1]), flush=True)  # a row as soon as it is measured: long runs on a busy machine
     bare = {"model": "resnet18 layers 1-3 (bare)"}
     for batch in (1, 16):
         bare[f"fps_b{batch}"] = _frames_per_second(_Bare().eval(), batch, args.size, torch.device("cpu"), args.min_time)
     rows.append(bare)
+    print(json.dumps(bare), flush=True)
     print(_table(rows, ["model", "fit_images", "steps", "fit_s", "state_mb", "fps_b1", "fps_b16"]))
     ff = next((r for r in rows if r["model"] == "fastflow"), None)
     if ff is not None:
