@@ -93,6 +93,14 @@ class ModelWorker:
         self.labels_alert = bool(labels_alert)
         self.device = resolve_device(device)
         self.model = load_model(checkpoint, map_location="cpu").to(self.device).eval()
+        try:  # channels_last, reduced-precision backbone, ... wherever each wins on this device
+            from oddeye.models.inference import inference_settings, prepare_for_inference
+
+            prepare_for_inference(self.model, self.device)
+            self.inference = dict(inference_settings(self.model) or {})
+        except Exception as e:  # a speed-up must never stop scoring
+            log.warning("model %s: inference speed-ups not applied (%s); scoring as loaded", self.model.name, e)
+            self.inference = {}
         self.name = self.model.name
         self.image_size = self.model.image_size
         self.clips = ClipBuffers(self.model.clip_length) if self.model.is_video else None
@@ -106,6 +114,7 @@ class ModelWorker:
             "is_video": self.model.is_video,
             "num_threads": self.num_threads,
             "pid": os.getpid(),
+            "inference": self.inference,
         }
 
     def images_to_tensor(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
