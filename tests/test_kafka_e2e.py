@@ -24,6 +24,7 @@ import yaml
 from oddeye.frames import Frame
 from oddeye.sources.kafka import encode_frame
 from tests.conftest import tiny_config
+from tests.servers.kafka import committed_offsets, read_topic
 
 pytestmark = pytest.mark.slow
 
@@ -94,23 +95,6 @@ def _finish(proc: subprocess.Popen, timeout_s: float = 300) -> str:
     return out
 
 
-def _read_topic(bootstrap: str, topic: str, n: int, timeout_s: float = 10.0) -> list:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000)
-    )
-    out = []
-    try:
-        for m in consumer:
-            out.append(m)
-            if len(out) >= n:
-                break
-    finally:
-        consumer.close()
-    return out
-
-
 def test_publish_crash_restart_no_loss_and_dead_letters(kafka_broker, fitted_checkpoint: Path, tmp_path: Path) -> None:
     from kafka import KafkaProducer
 
@@ -142,7 +126,7 @@ def test_publish_crash_restart_no_loss_and_dead_letters(kafka_broker, fitted_che
     _kill_group(run1)
     before_restart = _lines(scores)
     assert len(before_restart) < n, "the crash must happen part-way through the stream"
-    committed = _committed(kafka_broker.bootstrap, group).get(0, 0)  # where run 2 starts reading
+    committed = committed_offsets(kafka_broker.bootstrap, group).get(0, 0)  # where run 2 starts reading
 
     out, err = publisher.communicate(timeout=60)
     assert publisher.returncode == 0, err[-2000:]
@@ -174,7 +158,7 @@ def test_publish_crash_restart_no_loss_and_dead_letters(kafka_broker, fitted_che
     dead = _lines(tmp_path / "out" / "dead_letters.jsonl")
     assert {d["origin"]["offset"] for d in dead} == {0, 1}
     assert any("camera_id" in d["error"] for d in dead) and any("decode" in d["error"] for d in dead)
-    dlq = _read_topic(kafka_broker.bootstrap, f"{topic}.dlq", 2)
+    dlq = read_topic(kafka_broker.bootstrap, f"{topic}.dlq", 2)
     assert {m.value for m in dlq} == {b"\xff\xd8\xffnot really a jpeg", b"garbage without any camera"}
     assert all("error" in dict(m.headers) for m in dlq)
 
@@ -211,16 +195,4 @@ def test_two_ingest_actors_share_four_partitions(kafka_broker, fitted_checkpoint
     assert {r["origin"]["partition"] for r in records} == {0, 1, 2, 3}
 
     # every offset was committed at the clean stop: a restart would find nothing new
-    assert _committed(kafka_broker.bootstrap, group) == {0: 50, 1: 50, 2: 50, 3: 50}
-
-
-def _committed(bootstrap: str, group: str) -> dict[int, int]:
-    """The consumer group's committed offset of each partition."""
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        committed = admin.list_group_offsets({group: None})[group]
-    finally:
-        admin.close()
-    return {tp.partition: om.offset for tp, om in committed.items()}
+    assert committed_offsets(kafka_broker.bootstrap, group) == {0: 50, 1: 50, 2: 50, 3: 50}

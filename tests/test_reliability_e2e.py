@@ -27,7 +27,7 @@ from oddeye.frames import Frame, encode_jpeg
 from oddeye.models.image.null import add_fail_marker
 from oddeye.models.registry import create_model
 from oddeye.sources.kafka import encode_frame
-from tests.servers.kafka import free_port, start_broker
+from tests.servers.kafka import committed_offsets, free_port, read_topic, start_broker
 
 pytestmark = pytest.mark.slow
 
@@ -99,36 +99,6 @@ def _publish(bootstrap: str, topic: str, n: int, marked: set[int] = frozenset())
     return values
 
 
-def _committed(bootstrap: str, group: str, topic: str) -> int | None:
-    from kafka import KafkaAdminClient
-    from kafka.structs import TopicPartition
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
-    finally:
-        admin.close()
-    om = offsets.get(TopicPartition(topic, 0))
-    return None if om is None or om.offset < 0 else om.offset
-
-
-def _read(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -> list:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000)
-    )
-    out = []
-    try:
-        for m in consumer:
-            out.append(m)
-            if len(out) >= n:
-                break
-    finally:
-        consumer.close()
-    return out
-
-
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
@@ -148,10 +118,10 @@ def test_model_errors_go_to_the_dlq_with_original_bytes_and_commits_never_stall(
     assert scored == [i for i in range(n) if i not in marked]  # the marked frames' batch-mates were scored
     dead = _lines(tmp_path / "out" / "dead_letters.jsonl")
     assert sorted(d["seq"] for d in dead) == sorted(marked) and all("marked" in d["error"] for d in dead)
-    dlq = _read(kafka_broker.bootstrap, f"{topic}.dlq", len(marked))
+    dlq = read_topic(kafka_broker.bootstrap, f"{topic}.dlq", len(marked))
     assert sorted(int(dict(m.headers)["source_offset"]) for m in dlq) == sorted(marked)
     assert all(m.value == values[int(dict(m.headers)["source_offset"])] for m in dlq)  # original bytes
-    assert _committed(kafka_broker.bootstrap, group, topic) == n  # committed past the failures: no stall
+    assert committed_offsets(kafka_broker.bootstrap, group, topic).get(0) == n  # committed past the failures: no stall
 
 
 def test_kafka_sink_outage_is_back_pressure_then_every_score_is_delivered(
@@ -183,15 +153,15 @@ def test_kafka_sink_outage_is_back_pressure_then_every_score_is_delivered(
     try:
         time.sleep(20)  # the outage: the run is up and scoring into a full buffer
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert not _committed(kafka_broker.bootstrap, group, topic)  # nothing committed while undelivered
+        assert not committed_offsets(kafka_broker.bootstrap, group, topic).get(0)  # nothing committed while undelivered
         sink_broker = start_broker(sink_port)
         sink_broker.create_topic("scores-out", 1)
         _out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-        got = [json.loads(m.value)["seq"] for m in _read(sink_broker.bootstrap, "scores-out", n)]
+        got = [json.loads(m.value)["seq"] for m in read_topic(sink_broker.bootstrap, "scores-out", n, timeout_s=20)]
         assert sorted(set(got)) == list(range(n))  # every frame's score delivered
         assert got == sorted(got) or len(got) > n  # in order (re-deliveries aside)
-        assert _committed(kafka_broker.bootstrap, group, topic) == n
+        assert committed_offsets(kafka_broker.bootstrap, group, topic).get(0) == n
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -102,3 +102,37 @@ def start_broker(port: int | None = None, timeout_s: float = 20.0) -> Broker:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"tansu did not listen on {port} within {timeout_s}s")
+
+
+def read_topic(bootstrap: str, topic: str, n: int, timeout_s: float = 10.0) -> list:
+    """Up to ``n`` messages of ``topic`` from the beginning (stops after ``timeout_s`` without one)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=int(timeout_s * 1000)
+    )
+    out = []
+    try:
+        for m in consumer:
+            out.append(m)
+            if len(out) >= n:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str | None = None) -> dict[int, int]:
+    """The consumer group's committed offset of each partition (of ``topic``, when given)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        committed = admin.list_group_offsets({group: None}).get(group, {})
+    finally:
+        admin.close()
+    return {
+        tp.partition: om.offset
+        for tp, om in committed.items()
+        if (topic is None or tp.topic == topic) and om.offset >= 0
+    }
