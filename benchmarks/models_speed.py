@@ -1,13 +1,19 @@
-"""Fit time, fitted-state size and throughput of the image models, and k-center greedy at scale.
+"""Fit time, fitted-state size, throughput and latency of the image models, and k-center greedy at scale.
 
     python benchmarks/models_speed.py                       # every image model, anomalib defaults
     python benchmarks/models_speed.py --models patchcore,padim --fit-images 64 --backbone resnet18
+    python benchmarks/models_speed.py --bench-configs --synth   # configs/bench/*.yaml, data synth images
     python benchmarks/models_speed.py --skip-models          # only the coreset scaling check
 
-Backbones have random weights (speed does not depend on them); inputs are random
-256×256 images. Rows: fit seconds on N images, the size of the fitted state outside the
-backbone (memory bank, Gaussians, PCA ...) in MB, and frames/s at batch 1 and 32 on the
-CPU and on CUDA when available. The coreset check runs k-center greedy on 10^5 and 10^6
+(This script replaces the former ``throughput.py``.) By default backbones have random
+weights (speed does not depend on them) and inputs are random 256×256 images;
+``--bench-configs`` builds each model from ``configs/bench/<model>.yaml`` instead (offline
+ImageNet weights) and ``--synth`` fits on a ``data synth`` category rendered in memory.
+Rows: fit seconds on N images, the size of the fitted state outside the backbone (memory
+bank, Gaussians, PCA ...) in MB, frames/s and p50/p99 batch latency at each batch size, on
+the CPU and on CUDA when available — once as loaded ("plain") and once after
+``prepare_for_inference`` ("prepared": channels_last, autocast where it wins), so each
+row pair is measured on the same machine minutes apart. The coreset check runs k-center greedy on 10^5 and 10^6
 random 1536-d features (PatchCore's wide_resnet50_2 width), each in a fresh process, and
 reports projection and selection time and the peak memory above the input itself.
 """
@@ -21,6 +27,7 @@ import multiprocessing as mp
 import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +35,7 @@ import torch
 from oddeye.models.base import AnomalyModel, FitError, create_model
 
 log = logging.getLogger("models_speed")
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODELS = ("patchcore", "padim", "dfm", "dfkde", "cfa")
 # Everything else stays at the anomalib defaults; CFA's adaptor trains for few epochs here.
@@ -46,25 +54,61 @@ def _sync(device: torch.device) -> None:
 
 
 def _frames_per_second(model: AnomalyModel, batch: int, size: int, device: torch.device, min_time: float) -> float:
+    return _timing(model, batch, size, device, min_time)[0]
+
+
+def _timing(
+    model: AnomalyModel, batch: int, size: int, device: torch.device, min_time: float
+) -> tuple[float, float, float]:
+    """frames/s, p50 and p99 batch latency (ms) over at least ``min_time`` seconds of one repeated batch."""
     images = torch.rand(batch, 3, size, size, device=device)
     model(images)  # warm-up
     _sync(device)
-    runs, start = 0, time.perf_counter()
-    while True:
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(latencies) < 3:
+        t0 = time.perf_counter()
         model(images)
-        runs += 1
         _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return runs * batch / elapsed
+        latencies.append(time.perf_counter() - t0)
+    ms = torch.tensor(latencies) * 1e3
+    return batch * len(latencies) / sum(latencies), float(ms.quantile(0.5)), float(ms.quantile(0.99))
 
 
-def bench_model(name: str, params: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _bench_config_params(name: str) -> dict[str, Any]:
+    """``model.params`` of configs/bench/<name>.yaml (offline weights), or {} when there is none."""
+    from oddeye.config import load_config
+
+    path = ROOT / "configs" / "bench" / f"{name}.yaml"
+    return dict(load_config(path).model.params) if path.is_file() else {}
+
+
+def _synth_images(n: int, size: int) -> torch.Tensor:
+    """``n`` normal images [n, 3, size, size] in [0, 1] of data synth's "brick" category, rendered in memory."""
+    import numpy as np
+
+    from oddeye.data.synth import SynthImageSpec, render_category
+
+    train, _, _ = render_category("brick", SynthImageSpec(size=size, train=n, test_good=0, test_per_defect=0), seed=0)
+    return torch.from_numpy(np.stack(train)).permute(0, 3, 1, 2).float().div(255)
+
+
+def bench_model(
+    name: str, params: dict[str, Any], args: argparse.Namespace, device: torch.device
+) -> list[dict[str, Any]]:
+    """One row per ``--inference`` mode (plain, prepared) of one fitted model."""
     torch.manual_seed(0)
     size = args.size
-    model = create_model(name, pre_trained=False, image_size=(size, size), **params).to(device)
-    train = torch.rand(args.fit_images, 3, size, size)
-    val = torch.rand(max(4, args.fit_images // 4), 3, size, size)
+    if not args.bench_configs:
+        params = {"pre_trained": False, **params}
+    model = create_model(name, image_size=(size, size), **params).to(device)
+    n_val = max(4, args.fit_images // 4)
+    if args.synth:
+        images = _synth_images(args.fit_images + n_val, size)
+        train, val = images[n_val:], images[:n_val]
+    else:
+        train = torch.rand(args.fit_images, 3, size, size)
+        val = torch.rand(n_val, 3, size, size)
     _sync(device)
     start = time.perf_counter()
     model.fit(train.split(args.fit_batch), val.split(args.fit_batch), progress=False)
@@ -77,9 +121,21 @@ def bench_model(name: str, params: dict[str, Any], args: argparse.Namespace, dev
         "fit_s": fit_s,
         "state_mb": _fitted_state_mb(model),
     }
-    for batch in args.batches:
-        row[f"fps_b{batch}"] = _frames_per_second(model, batch, size, device, args.min_time)
-    return row
+    rows = []
+    for mode in args.inference.split(","):
+        if mode == "prepared":
+            from oddeye.models.inference import prepare_for_inference
+
+            prepare_for_inference(model, device)
+        elif mode != "plain":
+            raise ValueError(f"--inference takes plain and/or prepared, got {mode!r}")
+        timed = {**row, "inference": mode}
+        for batch in args.batches:
+            fps, p50, p99 = _timing(model, batch, size, device, args.min_time)
+            timed[f"fps_b{batch}"] = fps
+            timed[f"p50/p99_ms_b{batch}"] = f"{p50:.0f}/{p99:.0f}"
+        rows.append(timed)
+    return rows
 
 
 def _rss_mb() -> float:
@@ -164,6 +220,9 @@ def main() -> None:
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds of scoring per frames/s figure")
     parser.add_argument("--devices", default=None, help="cpu,cuda (default: cpu, and cuda when available)")
+    parser.add_argument("--bench-configs", action="store_true", help="params from configs/bench/<model>.yaml")
+    parser.add_argument("--synth", action="store_true", help="fit on data synth images instead of random ones")
+    parser.add_argument("--inference", default="plain,prepared", help="plain and/or prepared (prepare_for_inference)")
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--skip-coreset", action="store_true")
     parser.add_argument("--coreset-rows", default="100000,1000000")
@@ -187,19 +246,22 @@ def main() -> None:
     if not args.skip_models:
         for device in devices:
             for name in args.models.split(","):
-                params = {**BENCH_PARAMS.get(name, {}), **extra.get(name, {})}
+                base = _bench_config_params(name) if args.bench_configs else {}
+                params = {**base, **BENCH_PARAMS.get(name, {}), **extra.get(name, {})}
                 if args.backbone:
                     params["backbone"] = args.backbone
                 try:
-                    row = bench_model(name, params, args, torch.device(device))
+                    rows = bench_model(name, params, args, torch.device(device))
                 except (FitError, RuntimeError) as e:  # e.g. DFKDE needs more images than PCA components
                     log.warning("%s on %s failed: %s", name, device, e)
-                    row = {"model": name, "device": device, "fit_images": args.fit_images, "fit_s": f"failed: {e}"}
+                    rows = [{"model": name, "device": device, "fit_images": args.fit_images, "fit_s": f"failed: {e}"}]
                 else:
-                    log.info("%s on %s: fit %.1f s, state %.1f MB", name, device, row["fit_s"], row["state_mb"])
-                row["params"] = json.dumps(params, separators=(",", ":"))
-                results["models"].append(row)
-        columns = ["model", "device", "fit_images", "fit_s", "state_mb"] + [f"fps_b{b}" for b in args.batches]
+                    log.info("%s on %s: fit %.1f s, state %.1f MB", name, device, rows[0]["fit_s"], rows[0]["state_mb"])
+                for row in rows:
+                    row["params"] = json.dumps(params, separators=(",", ":"))
+                results["models"].extend(rows)
+        columns = ["model", "device", "inference", "fit_images", "fit_s", "state_mb"]
+        columns += [f"fps_b{b}" for b in args.batches] + [f"p50/p99_ms_b{b}" for b in args.batches]
         print(_table(results["models"], [*columns, "params"]))
 
     if not args.skip_coreset:
