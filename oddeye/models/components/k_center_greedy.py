@@ -46,7 +46,7 @@ class KCenterGreedy:
         seed: int | None = 0,
         device: torch.device | str | None = None,
         progress: bool = False,
-        batch_size: int = 64,
+        batch_size: int = 256,
         tolerance: float = 0.0,
     ) -> None:
         self.chunks = [embedding] if isinstance(embedding, torch.Tensor) else list(embedding)
