@@ -29,6 +29,10 @@ class Batcher:
         t = time.monotonic() if now is None else now
         self._frames.extend((t, f) for f in frames)
 
+    def requeue(self, frames: list) -> None:
+        """Put frames back at the front, ready at once (a batch whose model replica crashed)."""
+        self._frames.extendleft((0.0, f) for f in reversed(frames))
+
     def ready(self, now: float | None = None, flush: bool = False) -> bool:
         """A batch can go: full, waited long enough, or ``flush`` (draining) with anything queued."""
         if not self._frames:

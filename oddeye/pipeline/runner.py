@@ -49,6 +49,7 @@ from oddeye.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 
+MAX_CRASH_RETRIES = 2  # a batch whose replica crashed is scored again this often, then dead-lettered
 ACK_INTERVAL_S = 0.2  # how often confirmed frames are acknowledged to their sources, even when idle
 EXPIRY_INTERVAL_S = 10.0  # how often idle cameras' alert state and metric series are dropped
 
@@ -138,6 +139,8 @@ class Pipeline:
         self._t_first_frame: float | None = None
         self._clip_resets: dict[int, dict[str, int]] = {}
         self._dead_replicas: set[int] = set()
+        self._restarting: dict[int, tuple[Any, float]] = {}
+        """Replicas whose actor crashed: (pending ``info`` call, deadline) while Ray restarts them."""
         self._store: Any = None
         self.results: ResultHandler | None = None
 
@@ -357,7 +360,8 @@ class Pipeline:
                     if budget is not None:
                         budget -= want
             # 2. dispatch ready batches to live replicas with room
-            live = [i for i in range(len(self.replicas)) if i not in self._dead_replicas]
+            self._poll_restarts()
+            live = [i for i in range(len(self.replicas)) if i not in self._dead_replicas and i not in self._restarting]
             while live and batcher.ready(flush=stopping or self._all_sources_done()):
                 if self.is_video:
                     # A camera always goes to the same replica: its clip buffer lives there.
@@ -417,6 +421,8 @@ class Pipeline:
             while inflight and inflight[0].result is not None:
                 x = inflight.popleft()
                 per_replica[x.replica] -= 1
+                if self._retry_after_crash(x, batcher):
+                    continue
                 if x.result.clip_resets:
                     self._clip_resets[x.replica] = x.result.clip_resets
                 self._apply(self.results.handle(x.frames, x.result))
@@ -491,13 +497,55 @@ class Pipeline:
             return BatchResult(np.zeros(0, np.float32), None, None, 0.0, self.model_name, f"model actor died: {cause}")
 
     def _check_replica(self, i: int) -> None:
-        """After a crash: wait (bounded) for the replica's restart; a replica that does not come back is dead."""
-        try:
-            ray.get(self.replicas[i].info.remote(), timeout=self.cfg.model.start_timeout_s)
-            log.warning("model replica %d restarted", i)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
-            log.error("model replica %d is gone for good: %s", i, _cause(e))
+        """After a crash: watch (without blocking) for Ray's restart of the replica; until then it gets no batches."""
+        if i in self._restarting or i in self._dead_replicas:
+            return
+        deadline = time.monotonic() + self.cfg.model.start_timeout_s
+        self._restarting[i] = (self.replicas[i].info.remote(), deadline)
+
+    def _poll_restarts(self) -> None:
+        """A restarting replica is back when ``info`` answers; gone for good when Ray says it died or time runs out."""
+        for i, (ref, deadline) in list(self._restarting.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                if time.monotonic() > deadline:
+                    log.error("model replica %d did not come back within %.0f s", i, self.cfg.model.start_timeout_s)
+                    del self._restarting[i]
+                    self._dead_replicas.add(i)
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:  # still restarting: ask again
+                if time.monotonic() < deadline:
+                    self._restarting[i] = (self.replicas[i].info.remote(), deadline)
+                    continue
+                log.error("model replica %d did not come back within %.0f s", i, self.cfg.model.start_timeout_s)
+            except ray.exceptions.RayError as e:
+                log.error("model replica %d is gone for good: %s", i, _cause(e))
+            else:
+                log.warning("model replica %d restarted", i)
+                del self._restarting[i]
+                continue
+            del self._restarting[i]
             self._dead_replicas.add(i)
+
+    def _retry_after_crash(self, x: _Inflight, batcher: Batcher) -> bool:
+        """A batch lost with its crashed replica is scored again elsewhere (a few times, then dead-lettered).
+
+        A crash is an infrastructure failure, not bad data; a frame that keeps killing replicas
+        still ends on the dead-letter path after ``MAX_CRASH_RETRIES``.
+        """
+        assert x.result is not None
+        if x.result.error is None or not x.result.error.startswith("model actor died"):
+            return False
+        again = [f for f in x.frames if f.meta.get("_crashes", 0) < MAX_CRASH_RETRIES]
+        if len(again) < len(x.frames) or len(self._dead_replicas) == len(self.replicas):
+            return False
+        for f in again:
+            f.meta["_crashes"] = f.meta.get("_crashes", 0) + 1
+        batcher.requeue([(f, *f.meta["_chunk"]) for f in again])
+        log.warning("re-queued %d frame(s) of a batch lost with model replica %d", len(again), x.replica)
+        return True
 
     def _record_ingest(self, s: _Source, stats: IngestStats) -> None:
         s.stats = stats
