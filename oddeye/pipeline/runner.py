@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from oddeye.config import KafkaSourceConfig, OddeyeConfig
 from oddeye.frames import Frame
@@ -189,7 +190,10 @@ class Pipeline:
         # nodes need not see this machine's files, and a restarted actor fetches it again.
         store_name = f"oddeye-checkpoint-{uuid.uuid4().hex[:12]}"
         namespace = ray.get_runtime_context().namespace
-        self._store = CheckpointStore.options(name=store_name).remote(ckpt.read_bytes())
+        # On the driver's node: a holder on a worker node would die with it, and restarted model
+        # actors could not fetch their checkpoint.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._store = CheckpointStore.options(name=store_name, scheduling_strategy=here).remote(ckpt.read_bytes())
         thresholds = [cfg.alerts.policy_for()["threshold"]] + [
             cfg.alerts.policy_for(c)["threshold"] for c in cfg.alerts.cameras
         ]
