@@ -318,10 +318,9 @@ class IngestWorker:
         except Exception:
             log.debug("lag() failed", exc_info=True)
         with self._cond:
-            oldest = [f.meta.get("t_ingest") for f in (self._queue[0],) if f is not None] if self._queue else []
-            if self._held:
-                oldest.append(next(iter(self._held.values())).meta.get("t_ingest"))
-            ts = [t for t in oldest if t is not None]
+            # The oldest unfinished frame is the first held one (handed out first) or, if none, the queue's head.
+            firsts = [next(iter(self._held.values()), None), self._queue[0] if self._queue else None]
+            ts = [f.meta["t_ingest"] for f in firsts if f is not None and "t_ingest" in f.meta]
             self.stats.oldest_unacked_s = max(0.0, time.time() - min(ts)) if ts else 0.0
             self.stats.unacked = len(self._held) + len(self._queue)
 

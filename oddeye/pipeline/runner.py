@@ -452,7 +452,7 @@ class Pipeline:
                 parts.append((ref, [row]))
         light = [Frame(f.camera_id, f.seq, f.timestamp, None) for f in frames]  # type: ignore[arg-type]
         ref = self.replicas[replica].score_refs.remote(light, parts, self.want_maps)
-        for f, (chunk, row) in zip(frames, ((r, w) for _, r, w in items), strict=True):
+        for f, chunk, row in items:
             f.meta["_chunk"] = (chunk, row)
         return _Inflight(ref, replica, frames, parts)
 
