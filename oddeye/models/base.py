@@ -240,6 +240,30 @@ class AnomalyModel(nn.Module):
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         return _check_images(x, self.image_size)
 
+    # -- backbone and head (models whose scoring splits into a shared feature pass and a fitted head)
+    @classmethod
+    def splits_backbone(cls) -> bool:
+        """True when ``raw_forward`` is ``score_embedding(embed(images))``: per-camera heads can share one backbone."""
+        return cls.embed is not AnomalyModel.embed and cls.score_embedding is not AnomalyModel.score_embedding
+
+    def backbone_module(self) -> nn.Module | None:
+        """The frozen feature module that ``embed`` runs (shared by fold copies and per-camera heads), if any."""
+        return None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone half: features [B, ...] of checked images [B, 3, H, W]; the same for every fitted head."""
+        raise NotImplementedError(f"{self.name} does not split into a shared backbone and a head")
+
+    def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """The head half: ``raw_forward``'s outputs from ``embed``'s features, maps at ``size``."""
+        raise NotImplementedError(f"{self.name} does not split into a shared backbone and a head")
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The fitted state without the shared backbone's weights (what a per-camera head checkpoint holds)."""
+        shared = self.backbone_module()
+        prefixes = tuple(f"{n}." for n, m in self.named_children() if shared is not None and m is shared)
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
+
     # -- public API
     def fit(
         self,
@@ -278,7 +302,9 @@ class AnomalyModel(nn.Module):
             )
         template = None
         if val_loader is None and type(self).heldout_scores is AnomalyModel.heldout_scores:
-            template = copy.deepcopy(self)  # the unfitted model, copied for the fold fits
+            # The unfitted model, copied for the fold fits; a frozen backbone is shared, not copied.
+            shared = self.backbone_module()
+            template = copy.deepcopy(self, {} if shared is None else {id(shared): shared})
         seen = _CheckedBatches(train_loader, self._check_input)
         self._fit_normal(seen, progress)
         if seen.count == 0:
@@ -325,7 +351,8 @@ class AnomalyModel(nn.Module):
         picked = [int(f) for f in torch.linspace(0, k - 1, min(k, limit)).round().long().unique()]
         scores, peaks = [], []
         for fold in progress_bar(picked, desc=f"{self.name}: held-out folds", unit="fold", disable=not progress):
-            model = copy.deepcopy(template)
+            shared = template.backbone_module()
+            model = copy.deepcopy(template, {} if shared is None else {id(shared): shared})
             model.eval()
             model._fit_normal(_Subset(train_loader, self._check_input, assign != fold), False)
             s, p = model._score_raw(_Subset(train_loader, self._check_input, assign == fold))
@@ -397,7 +424,17 @@ class AnomalyModel(nn.Module):
         """Score a batch [B, 3, H, W] (float in [0, 1], or uint8) → normalised ``Prediction``."""
         if not self.fitted:
             raise RuntimeError(f"{self.name} is not fitted: call fit() or load a checkpoint")
-        out = self.raw_forward(self._check_input(images))
+        return self.normalise(self.raw_forward(self._check_input(images)))
+
+    @torch.no_grad()
+    def forward_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> Prediction:
+        """``forward`` from the shared backbone's features (``embed``): this head's normalised ``Prediction``."""
+        if not self.fitted:
+            raise RuntimeError(f"{self.name} is not fitted: call fit() or load a checkpoint")
+        return self.normalise(self.score_embedding(embedding, size))
+
+    def normalise(self, out: tuple[torch.Tensor, ...]) -> Prediction:
+        """``raw_forward``'s outputs → a ``Prediction`` with scores, maps and region scores in [0, 1]."""
         score = self.normalizer(out[0].float())
         amap = None if out[1] is None else self.map_normalizer(out[1].float())
         boxes = None

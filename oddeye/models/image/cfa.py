@@ -100,6 +100,12 @@ class Cfa(AnomalyModel):
     def device(self) -> torch.device:
         return self.feature_extractor.mean.device
 
+    def backbone_module(self) -> torch.nn.Module:
+        return self.feature_extractor
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._patch_features(images)
+
     def _patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone features, 3×3-averaged and stacked at the first layer's size: [B, C, h, w]."""
         with torch.no_grad():
@@ -180,13 +186,18 @@ class Cfa(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw score [B] (max of the map) and anomaly map [B, H, W] (soft-min distances, upsampled, blurred)."""
+        return self.score_embedding(self._patch_features(images), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head: the adaptor over frozen patch features ``embedding`` [B, C, h, w], soft-min distances."""
         if not self.memory_bank.fitted:
             raise RuntimeError("cfa: the memory bank is empty; fit the model or load a checkpoint")
-        features = self.descriptor(self._patch_features(images))
+        features = self.descriptor(embedding)
         b, c, h, w = features.shape
         k = min(self.num_nearest_neighbors, len(self.memory_bank))
         distances, _ = self.memory_bank(features.flatten(2).transpose(1, 2).reshape(-1, c), k=k)
         patch_scores = softmin(distances, dim=1)[:, 0] * distances[:, 0]
-        amap = interpolate(patch_scores.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        amap = interpolate(patch_scores.view(b, 1, h, w), size=size, mode="bilinear", align_corners=False)
         amap = self.blur(amap).squeeze(1)
         return amap.flatten(1).amax(dim=1), amap

@@ -51,6 +51,12 @@ class Dfkde(AnomalyModel):
     def device(self) -> torch.device:
         return self.feature_extractor.mean.device
 
+    def backbone_module(self) -> torch.nn.Module:
+        return self.feature_extractor
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._features(images)
+
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         """One vector per image [B, C]: every layer's map averaged over space, concatenated."""
         maps = self.feature_extractor(images.to(self.device)).values()
@@ -74,6 +80,11 @@ class Dfkde(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Raw score [B]: the negative log-likelihood of each image's pooled features."""
+        return self.score_embedding(self._features(images), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, None]:
+        """The head: negative log-likelihood of pooled features ``embedding`` [B, C] (no map)."""
         if not self.classifier.fitted:
             raise RuntimeError("dfkde: the KDE is not fitted; fit the model or load a checkpoint")
-        return -self.classifier.score_samples(self._features(images)), None
+        return -self.classifier.score_samples(embedding), None

@@ -57,6 +57,12 @@ class Dfm(AnomalyModel):
     def device(self) -> torch.device:
         return self.feature_extractor.mean.device
 
+    def backbone_module(self) -> torch.nn.Module:
+        return self.feature_extractor
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._features(images)
+
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled feature maps [B, C, h, w] of the chosen layer."""
         features = self.feature_extractor(images.to(self.device))[self.layer]
@@ -125,11 +131,17 @@ class Dfm(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw score [B]; for ``fre`` also the reconstruction-error map [B, H, W] (upsampled feature grid)."""
+        return self.score_embedding(self._features(images), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def score_embedding(
+        self, embedding: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head: PCA scores of the pooled feature maps ``embedding`` [B, C, h, w] (``fre`` maps at ``size``)."""
         if not self.pca_model.fitted:
             raise RuntimeError("dfm: PCA is not fitted; fit the model or load a checkpoint")
-        features = self._features(images)
-        self._grid = tuple(features.shape[1:])
-        return self._score_features(features.flatten(1), self.pca_model, tuple(images.shape[-2:]))
+        self._grid = tuple(embedding.shape[1:])
+        return self._score_features(embedding.flatten(1), self.pca_model, size)
 
     def _score_features(
         self, flat: torch.Tensor, pca: PCA, size: tuple[int, ...]

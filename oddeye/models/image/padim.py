@@ -75,6 +75,12 @@ class Padim(AnomalyModel):
     def device(self) -> torch.device:
         return self.idx.device
 
+    def backbone_module(self) -> torch.nn.Module:
+        return self.feature_extractor
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._embedding(images)
+
     def _embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Selected channels of all layers at the first layer's resolution: [B, n_features, h, w]."""
         features = self.feature_extractor(images.to(self.device))
@@ -113,9 +119,13 @@ class Padim(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw score [B] (max of the map) and anomaly map [B, H, W] at the input resolution."""
-        embedding = self._embedding(images)
+        return self.score_embedding(self._embedding(images), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head: Mahalanobis distances of ``embedding`` [B, n_features, h, w], upsampled to ``size`` and blurred."""
         b, _, h, w = embedding.shape
         amap = self.gaussian(embedding.flatten(2)).view(b, 1, h, w)
-        amap = interpolate(amap, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        amap = interpolate(amap, size=size, mode="bilinear", align_corners=False)
         amap = self.blur(amap).squeeze(1)
         return amap.flatten(1).amax(dim=1), amap

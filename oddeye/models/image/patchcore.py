@@ -57,6 +57,12 @@ class Patchcore(AnomalyModel):
     def device(self) -> torch.device:
         return self.feature_extractor.mean.device
 
+    def backbone_module(self) -> torch.nn.Module:
+        return self.feature_extractor
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self._embedding(images)
+
     def _embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features [B, C, h, w]: 3×3-averaged maps of all layers at the first layer's size."""
         maps = [avg_pool2d(f, 3, stride=1, padding=1) for f in self.feature_extractor(images.to(self.device)).values()]
@@ -105,13 +111,17 @@ class Patchcore(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw score [B] (re-weighted worst patch) and anomaly map [B, H, W] (patch distances, upsampled, blurred)."""
+        return self.score_embedding(self._embedding(images), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head: nearest-bank distances of the patch features ``embedding`` [B, C, h, w], maps at ``size``."""
         if not self.memory_bank.fitted:
             raise RuntimeError("patchcore: the memory bank is empty; fit the model or load a checkpoint")
-        embedding = self._embedding(images)
         b, c, h, w = embedding.shape
         queries = embedding.permute(0, 2, 3, 1).reshape(b, h * w, c)
         distances, locations = self.memory_bank(queries.reshape(-1, c), k=1)
         patch_scores = distances.view(b, h * w)
         score = self._image_score(queries, patch_scores, locations.view(b, h * w))
-        amap = interpolate(patch_scores.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        amap = interpolate(patch_scores.view(b, 1, h, w), size=size, mode="bilinear", align_corners=False)
         return score, self.blur(amap).squeeze(1)
