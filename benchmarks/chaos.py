@@ -229,9 +229,15 @@ def scored_seqs(out: Path, camera: str) -> Counter:
     return Counter(r["seq"] for r in lines(out / "scores.jsonl") if r["camera_id"] == camera)
 
 
-def wait_for(what: str, cond, timeout_s: float, every: float = 1.0) -> float:  # type: ignore[no-untyped-def]
+def wait_for(what: str, cond, timeout_s: float, every: float = 1.0, odd: Oddeye | None = None) -> float:  # type: ignore[no-untyped-def]
+    """Wait until ``cond()``; fails at once when the pipeline process ``odd`` has exited (see its log)."""
     t0 = time.monotonic()
     while not cond():
+        if odd is not None and odd.proc is not None and odd.proc.poll() is not None:
+            raise RuntimeError(
+                f"oddeye run exited with {odd.proc.returncode} while waiting for {what}; "
+                f"see {odd.out}/run{odd.runs}.log"
+            )
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(every)
@@ -297,7 +303,7 @@ def main() -> None:
         odd.start()
         # 1. warm-up, then a broker restart once everything so far is committed
         pub.publish(100, base_rate)
-        wait_for("warm-up scored", lambda: len(scored_seqs(out, KCAM)) >= 100, 600)
+        wait_for("warm-up scored", lambda: len(scored_seqs(out, KCAM)) >= 100, 600, odd=odd)
         time.sleep(3)  # commits go out within a second
         pub.close()
         log("broker restart")
@@ -314,7 +320,11 @@ def main() -> None:
         stream = threading.Thread(target=pub.publish, args=(int(base_rate * 40), base_rate), daemon=True)
         stream.start()
         wait_for(
-            "a frame scored after the broker restart", lambda: max(scored_seqs(out, KCAM), default=-1) >= warm, 300, 0.2
+            "a frame scored after the broker restart",
+            lambda: max(scored_seqs(out, KCAM), default=-1) >= warm,
+            300,
+            0.2,
+            odd,
         )
         results["broker_reconnect_s"] = time.monotonic() - t_back
         log(f"source back {results['broker_reconnect_s']:.1f} s after the broker")
@@ -339,7 +349,11 @@ def main() -> None:
         camera = start_rtsp_server(port=cam_port, width=160, height=120, fps=5)
         t_cam = time.monotonic()
         wait_for(
-            "RTSP frames after the camera returned", lambda: len(scored_seqs(out, "rtsp-cam")) > n_rtsp + 2, 300, 0.2
+            "RTSP frames after the camera returned",
+            lambda: len(scored_seqs(out, "rtsp-cam")) > n_rtsp + 2,
+            300,
+            0.2,
+            odd,
         )
         results["camera_reconnect_s"] = time.monotonic() - t_cam
         log(f"camera back {results['camera_reconnect_s']:.1f} s after the server")
@@ -350,7 +364,7 @@ def main() -> None:
         pub.publish(int((2 * capacity - 5) * overload_s), 2 * capacity - 5)
         # drain
         expected = pub.acked - pub.marked
-        wait_for("every published frame scored", lambda: expected <= set(scored_seqs(out, KCAM)), 3600, 2.0)
+        wait_for("every published frame scored", lambda: expected <= set(scored_seqs(out, KCAM)), 3600, 2.0, odd)
         time.sleep(3)
         results["exit_code"] = odd.terminate()
     finally:

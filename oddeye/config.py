@@ -250,6 +250,9 @@ class ModelConfig(_Section):
     """GPUs reserved for each model actor; default 1 when the device is CUDA, else 0."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Ray custom resources for each model actor (e.g. ``{model: 1}``): places them on the nodes that offer them."""
+    max_restarts: int = Field(3, ge=0, le=100)
+    """How often Ray restarts a crashed model replica; when every replica is gone for good the run
+    ends with exit 1 (frames not yet scored stay uncommitted and are read again on restart)."""
     start_timeout_s: float = Field(300.0, gt=0)
     """How long model actors may take to be placed and load the checkpoint before the run fails,
     naming the resource that is missing."""

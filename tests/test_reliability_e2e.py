@@ -193,3 +193,101 @@ def test_start_up_that_cannot_succeed_exits_1_naming_what_is_missing(
     res = _run(cfg, tmp_path, timeout_s=300)  # bounded: it used to wait for ever
     assert res.returncode == 1, (res.stdout + res.stderr)[-3000:]
     assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_every_replica_dead_for_good_exits_1_and_leaves_the_unscored_frames_uncommitted(
+    kafka_broker, tmp_path: Path
+) -> None:
+    """A model that kills its own process on a marked frame, with no restarts left: exit 1, nothing lost."""
+    model = create_model("null", image_size=[SIZE, SIZE], fail_marker=True, marker_action="exit")
+    model.fit([torch.rand(4, 3, SIZE, SIZE)], progress=False)
+    ckpt = model.save(tmp_path / "crashing.pt")
+    topic, group = f"frames-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    kafka_broker.create_topic(topic, 1)
+    kafka_broker.create_topic(f"{topic}.dlq", 1)
+    n, crash_at = 40, 20
+    _publish(kafka_broker.bootstrap, topic, n, {crash_at})
+    source = {**_kafka_source(kafka_broker.bootstrap, topic, group), "max_poll_records": 4}
+    cfg = _config(tmp_path, ckpt, source, [{"type": "jsonl"}], max_restarts=0)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["batching"] = {"max_batch_size": 4, "max_wait_ms": 20}
+    cfg.write_text(yaml.safe_dump(raw))
+    res = _run(cfg, tmp_path, "--idle-timeout", "20", timeout_s=300)
+    assert res.returncode == 1, (res.stdout + res.stderr)[-3000:]
+    assert "every model replica died" in res.stderr and "Traceback" not in res.stderr
+    scored = {r["seq"] for r in _lines(tmp_path / "out" / "scores.jsonl")}
+    assert crash_at not in scored and len(scored) < n
+    # At-least-once: the committed offset stays at or below the first frame that was not scored,
+    # so a restart (with a fixed model) reads every unscored frame again.
+    first_unscored = min(set(range(n)) - scored)
+    assert committed_offsets(kafka_broker.bootstrap, group, topic).get(0, 0) <= first_unscored
+
+
+def test_rebalance_with_frames_in_flight_loses_nothing(kafka_broker, tmp_path: Path) -> None:
+    """Another group member joins mid-stream (taking a partition whose frames oddeye still holds), then leaves."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    model = create_model("null", image_size=[SIZE, SIZE], latency_ms=150.0)  # ~50 fps: the stream lasts a while
+    model.fit([torch.rand(4, 3, SIZE, SIZE)], progress=False)
+    ckpt = model.save(tmp_path / "slow.pt")
+    topic, group = f"frames-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    kafka_broker.create_topic(topic, 2)
+    kafka_broker.create_topic(f"{topic}.dlq", 1)
+    n = 600
+    rng = np.random.default_rng(1)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, linger_ms=5)
+    for i in range(n):
+        key, value, headers = encode_frame(
+            Frame("cam-a", i, 1_700_000_000.0 + i, rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+        )
+        producer.send(topic, key=key, value=value, headers=headers, partition=i % 2)
+    producer.flush()
+    producer.close()
+    cfg = _config(tmp_path, ckpt, _kafka_source(kafka_broker.bootstrap, topic, group), [{"type": "jsonl"}])
+    scores = tmp_path / "out" / "scores.jsonl"
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oddeye.cli", "run", str(cfg), "--out", "out", "--idle-timeout", "8"],
+            cwd=tmp_path, stdout=logf, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while len(_lines(scores)) < 60:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            # The second member: joins (a rebalance hands it a partition oddeye has frames of in
+            # flight), reads without committing, and leaves (the partition goes back to oddeye).
+            other = KafkaConsumer(
+                topic,
+                bootstrap_servers=kafka_broker.bootstrap,
+                group_id=group,
+                enable_auto_commit=False,
+                session_timeout_ms=6000,
+                heartbeat_interval_ms=500,
+                max_poll_records=5,
+            )
+            t_join = time.monotonic()
+            got = 0
+            while not other.assignment() and time.monotonic() - t_join < 60:
+                got += sum(len(v) for v in other.poll(timeout_ms=200).values())
+            assigned = set(other.assignment())
+            in_flight_when_joined = n - len(_lines(scores))
+            for _ in range(10):
+                got += sum(len(v) for v in other.poll(timeout_ms=200).values())
+            other.close(autocommit=False)
+            rc = proc.wait(300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    text = log_path.read_text()
+    assert rc == 0, text[-3000:]
+    assert assigned, "the second member was never assigned a partition: no rebalance happened"
+    assert in_flight_when_joined > 0, "the stream had ended before the rebalance"
+    seqs = [r["seq"] for r in _lines(scores)]
+    assert set(seqs) == set(range(n)), f"lost: {sorted(set(range(n)) - set(seqs))[:20]}"
+    # At-least-once, not exactly-once: re-reads come only from what oddeye held uncommitted.
+    duplicates = len(seqs) - n
+    assert duplicates <= 2 * (16 + 20 + 2 * 8) + got, duplicates
+    assert committed_offsets(kafka_broker.bootstrap, group, topic) == {0: n // 2, 1: n // 2}

@@ -167,7 +167,7 @@ def model_actor_options(cfg: ModelConfig, cuda: bool) -> dict[str, Any]:
         "num_cpus": cfg.num_cpus,
         "num_gpus": num_gpus,
         "resources": dict(cfg.resources) or None,
-        "max_restarts": 3,
+        "max_restarts": cfg.max_restarts,
         "max_concurrency": 1,
         "runtime_env": {"env_vars": {**ACTOR_ENV, "OMP_NUM_THREADS": threads}},
     }
