@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit on this folder's normal images instead (a dataset category such as MVTec's <category>/, "
         "or a plain image folder); writes the category's checkpoint (model.checkpoint with -<category>)",
     )
+    p.add_argument(
+        "--camera",
+        action="append",
+        metavar="ID",
+        help="model.scope camera: refit only this camera's head (a new version; repeat for several)",
+    )
     _add_set(p)
 
     p = sub.add_parser("run", help="run the pipeline of a config")
@@ -131,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         resolve_out(cfg, getattr(args, "out", None))
         if args.command == "fit":
+            if cfg.model.scope == "camera" or args.camera:
+                return cmd_fit_cameras(cfg, args.camera, args.data)
             return cmd_fit(cfg, args.data, config_path=args.config, overrides=args.set)
         if args.command == "run":
             return cmd_run(cfg, args)
@@ -157,6 +165,9 @@ def resolve_out(cfg: OddeyeConfig, out: str | None) -> OddeyeConfig:
     Lets a demo config keep its checkpoint beside its other results wherever ``--out`` points.
     """
     cfg.model.checkpoint = cfg.model.checkpoint.replace("{out}", str(out or "oddeye-out"))
+    cfg.model.directory = cfg.model.directory.replace("{out}", str(out or "oddeye-out"))
+    if cfg.model.default is not None:
+        cfg.model.default = cfg.model.default.replace("{out}", str(out or "oddeye-out"))
     return cfg
 
 
@@ -245,6 +256,21 @@ def cmd_fit(
     return 0
 
 
+def cmd_fit_cameras(cfg: OddeyeConfig, cameras: Sequence[str] | None, data: str | None = None) -> int:
+    """scope camera: one head per camera from its own frames (``--camera``: only those, as new versions)."""
+    from oddeye.pipeline.fit import fit_camera_heads
+
+    if cfg.model.scope != "camera":
+        print("oddeye: --camera needs model.scope: camera (per-camera heads)", file=sys.stderr)
+        return EXIT_CONFIG
+    if data is not None:
+        print("oddeye: --data fits one model; with model.scope: camera heads learn from each camera", file=sys.stderr)
+        return EXIT_CONFIG
+    for key, head in fit_camera_heads(cfg, cameras).items():
+        print(f"fitted {cfg.model.name} head v{head.version} for {key} → {cfg.model.directory}")
+    return 0
+
+
 def is_demo_config(path: str | Path) -> bool:
     """True for the embedded demo config and copies of it (configs/demo.yaml)."""
     from oddeye.config import demo_config_path
@@ -283,7 +309,7 @@ def fit_demo(cfg: OddeyeConfig, reload: typing.Callable[[list[str]], OddeyeConfi
 def cmd_run(cfg: OddeyeConfig, args: argparse.Namespace, extra_sinks: Sequence[Sink] = ()) -> int:
     from oddeye.pipeline.runner import Pipeline
 
-    if cfg.fit.auto and not Path(cfg.model.checkpoint).is_file():
+    if cfg.model.scope == "pipeline" and cfg.fit.auto and not Path(cfg.model.checkpoint).is_file():
         from oddeye.pipeline.fit import fit_from_config
 
         print(f"oddeye: no model at {cfg.model.checkpoint} yet (fit.auto): fitting {cfg.model.name} first")

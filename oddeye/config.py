@@ -8,6 +8,7 @@ allowed there; the CLI turns them into exit status 2.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import types
@@ -234,6 +235,39 @@ class FitConfig(_Section):
     batch_size: int = Field(16, ge=1)
 
 
+class CameraGroupConfig(_Section):
+    """Cameras that share one fitted head (one scene seen by several cameras)."""
+
+    name: str = Field(min_length=1)
+    cameras: list[str] | str
+    """Camera selectors: exact ids, globs (``dock-*``) or regexes (``re:^dock-[0-9]+$``); a list or one selector."""
+
+    def selectors(self) -> list[str]:
+        return [self.cameras] if isinstance(self.cameras, str) else list(self.cameras)
+
+    def matches(self, camera_id: str) -> bool:
+        return any(_selector_matches(s, camera_id) for s in self.selectors())
+
+    @field_validator("cameras")
+    @classmethod
+    def _valid_selectors(cls, v: list[str] | str) -> list[str] | str:
+        for s in [v] if isinstance(v, str) else v:
+            if s.startswith("re:"):
+                try:
+                    re.compile(s[3:])
+                except re.error as e:
+                    raise ValueError(f"selector {s!r}: not a regular expression ({e})") from None
+        if not v:
+            raise ValueError("give at least one camera selector")
+        return v
+
+
+def _selector_matches(selector: str, camera_id: str) -> bool:
+    if selector.startswith("re:"):
+        return re.fullmatch(selector[3:], camera_id) is not None
+    return fnmatch.fnmatchcase(camera_id, selector)
+
+
 class ModelConfig(_Section):
     name: str = "padim"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -256,6 +290,26 @@ class ModelConfig(_Section):
     start_timeout_s: float = Field(300.0, gt=0)
     """How long model actors may take to be placed and load the checkpoint before the run fails,
     naming the resource that is missing."""
+    scope: Literal["pipeline", "camera"] = "pipeline"
+    """``pipeline``: one fitted model (``checkpoint``) scores every camera. ``camera``: each camera (or
+    group) has its own fitted head on one shared backbone, kept in ``directory``."""
+    directory: str = "oddeye-out/models"
+    """scope camera: the model directory (``backbone.json``, ``backbone.pt``, ``cameras/<id>/v<N>.pt``).
+    Model actors read it directly: on a cluster it must be on a shared file system."""
+    on_missing: Literal["skip", "fit", "default"] | None = None
+    """scope camera, a camera with no head yet: ``skip`` its frames (dropped, reason ``no_model``),
+    ``fit`` a head from its first ``fit.max_frames`` frames, or score it with the ``default`` model.
+    Unset: ``fit`` when ``fit.auto`` is true, else ``skip``."""
+    default: str | None = None
+    """scope camera: a checkpoint (a whole fitted model) for cameras with no head (``on_missing: default``)."""
+    groups: list[CameraGroupConfig] = Field(default_factory=list)
+    """scope camera: cameras that share one head; a camera in no group has its own."""
+    head_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """How heads are stored on disk (half the bytes in 16 bits); they are scored in float32."""
+    max_head_bytes: int | None = Field(None, ge=1)
+    """Bytes of heads each model actor keeps loaded (least recently used unloaded first); None: no bound."""
+    refresh_s: float = Field(5.0, gt=0)
+    """How often model actors look for newer head versions in ``directory`` (hot swap)."""
 
     @field_validator("device")
     @classmethod
@@ -288,6 +342,46 @@ class ModelConfig(_Section):
         if "image_size" in self.params:
             raise ValueError("set image_size on model, not in model.params")
         return self
+
+    @model_validator(mode="after")
+    def _camera_scope(self) -> ModelConfig:
+        if self.scope != "camera":
+            return self
+        from oddeye.models.camera_heads import split_models
+
+        if self.name not in split_models():
+            raise ValueError(
+                f"scope: camera needs a model that splits into a shared backbone and per-camera heads; "
+                f"{self.name!r} does not: use one of {', '.join(split_models())}"
+            )
+        if self.on_missing == "default" and not self.default:
+            raise ValueError("on_missing: default needs model.default, the checkpoint that scores cameras with no head")
+        names = [g.name for g in self.groups]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"groups: name {', '.join(dup)} used more than once")
+        for i, g in enumerate(self.groups):
+            for other in self.groups[i + 1 :]:
+                shared = [s for s in g.selectors() if not _is_pattern(s) and other.matches(s)]
+                shared += [s for s in other.selectors() if not _is_pattern(s) and g.matches(s)]
+                if shared:
+                    raise ValueError(
+                        f"groups: camera {shared[0]!r} matches both group {g.name!r} and group {other.name!r}"
+                    )
+        return self
+
+    def head_key(self, camera_id: str) -> str:
+        """The head that scores ``camera_id``: its group's (``group:<name>``) or its own; two groups is an error."""
+        hits = [g.name for g in self.groups if g.matches(camera_id)]
+        if len(hits) > 1:
+            raise ConfigError(
+                f"model.groups: camera {camera_id!r} matches both group {hits[0]!r} and group {hits[1]!r}"
+            )
+        return f"group:{hits[0]}" if hits else camera_id
+
+
+def _is_pattern(selector: str) -> bool:
+    return selector.startswith("re:") or any(c in selector for c in "*?[")
 
 
 class BatchingConfig(_Section):
@@ -439,6 +533,19 @@ class OddeyeConfig(_Section):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"sources: camera_id {', '.join(dup)} used by more than one source")
+        return self
+
+    @model_validator(mode="after")
+    def _camera_scope_defaults(self) -> OddeyeConfig:
+        if self.model.scope == "camera":
+            if self.model.on_missing is None:
+                self.model.on_missing = "fit" if self.fit.auto else "skip"
+            for cam in (s.camera_id for s in self.sources if getattr(s, "camera_id", None)):
+                hits = [g.name for g in self.model.groups if g.matches(cam)]
+                if len(hits) > 1:
+                    raise ValueError(
+                        f"model.groups: camera {cam!r} matches both group {hits[0]!r} and group {hits[1]!r}"
+                    )
         return self
 
     @model_validator(mode="after")

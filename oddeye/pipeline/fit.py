@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from oddeye.config import OddeyeConfig, SyntheticSourceConfig
+from oddeye.config import KafkaSourceConfig, OddeyeConfig, SyntheticSourceConfig
 from oddeye.frames import DecodeError
 from oddeye.models.base import AnomalyModel, FitError, create_model, get_model_class, model_params
+from oddeye.models.camera_heads import CameraHeads, LoadedHead
 from oddeye.pipeline.builders import build_source
 from oddeye.pipeline.ingest import prepare_frame
 from oddeye.pipeline.scoring import resolve_device
@@ -106,6 +107,91 @@ def collect_fit_images(cfg: OddeyeConfig, progress: bool = True, clip_length: in
         what = f"clips of {t} consecutive frames" if t > 1 else "frames"
         raise FitError(f"fit needs at least 2 normal {what}, the fit source gave {len(samples)}")
     return np.stack(samples)
+
+
+def collect_camera_images(
+    cfg: OddeyeConfig, cameras: Sequence[str] | None = None, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Normal frames [N, H, W, 3] of each camera, split by ``camera_id``, up to ``fit.max_frames`` per camera.
+
+    Read from ``fit.source`` or else every configured source (a synthetic one with its anomalies off).
+    With ``cameras``, only the frames of those cameras' heads: a camera of a ``model.groups`` entry
+    brings in every camera of its group. A source stops being read once every camera it has shown
+    has its frames (or at its end).
+    """
+    wanted = None if cameras is None else {cfg.model.head_key(c) for c in cameras}
+    sources = [cfg.fit.source] if cfg.fit.source is not None else list(cfg.sources)
+    size, stride, limit = cfg.model.image_size, cfg.fit.stride, cfg.fit.max_frames
+    frames: dict[str, list[np.ndarray]] = {}
+    seen: dict[str, int] = {}
+    bar = progress_bar(desc="reading fit frames", unit="frame", disable=not progress)
+    for scfg in sources:
+        fixed = getattr(scfg, "camera_id", None) if not isinstance(scfg, KafkaSourceConfig) else None
+        if wanted is not None and fixed and cfg.model.head_key(fixed) not in wanted:
+            continue  # a camera we are not refitting: not read at all
+        overrides = {}
+        if isinstance(scfg, SyntheticSourceConfig):
+            overrides = {"anomaly_every": 0, "realtime": False, "num_frames": limit * stride}
+        source = build_source(scfg, **overrides)
+        mine: set[str] = set()
+        try:
+            for frame in source:
+                cam = frame.camera_id
+                if wanted is not None and cfg.model.head_key(cam) not in wanted:
+                    continue
+                mine.add(cam)
+                n = seen[cam] = seen.get(cam, 0) + 1
+                got = frames.setdefault(cam, [])
+                if (n - 1) % stride == 0 and len(got) < limit and not frame.meta.get("anomaly"):
+                    try:
+                        got.append(prepare_frame(frame, size).image)  # type: ignore[arg-type]
+                        bar.update(1)
+                    except (DecodeError, ValueError) as e:
+                        log.warning("fit: skipping frame %s/%s: %s", cam, frame.seq, e)
+                if all(len(frames[c]) >= limit for c in mine):
+                    break
+        finally:
+            source.close()
+    bar.close()
+    return {cam: np.stack(images) for cam, images in frames.items() if images}
+
+
+def fit_camera_heads(
+    cfg: OddeyeConfig, cameras: Sequence[str] | None = None, progress: bool = True
+) -> dict[str, LoadedHead]:
+    """scope camera: fit one head per camera (or group) from its own frames; each is written as a new version.
+
+    With ``cameras`` only theirs are refitted. A requested camera with fewer than 2 frames in the
+    sources is a ``FitError`` and nothing is written: its current head stays.
+    """
+    device = resolve_device(cfg.model.device)
+    m = cfg.model
+    heads = CameraHeads.open(m.directory, m.name, m.params, m.image_size, device, m.head_dtype)
+    by_camera = collect_camera_images(cfg, cameras, progress)
+    for cam in cameras or []:
+        if len(by_camera.get(cam, ())) < 2:
+            versions = heads.versions(m.head_key(cam))
+            kept = f"its head v{versions[-1]} stays" if versions else "it has no head yet"
+            raise FitError(
+                f"camera {cam!r}: {len(by_camera.get(cam, ()))} frame(s) in the configured sources, at least 2 "
+                f"needed to fit a head; nothing written ({kept})"
+            )
+    if not by_camera:
+        raise FitError("no camera gave any frames to fit on: check the config's sources (or fit.source)")
+    keys: dict[str, list[str]] = {}
+    for cam in by_camera:
+        keys.setdefault(m.head_key(cam), []).append(cam)
+    fitted = {}
+    for key, cams in keys.items():
+        images = np.concatenate([by_camera[c] for c in cams])
+        if len(images) < 2:
+            raise FitError(f"camera {key!r}: {len(images)} frame(s), at least 2 needed to fit a head")
+        # Several cameras in one group: the normalisation holds out whole cameras.
+        videos = np.concatenate([np.full(len(by_camera[c]), i) for i, c in enumerate(cams)]) if len(cams) > 1 else None
+        log.info("fitting the %s head of %s on %d frames", m.name, key, len(images))
+        batches = TensorBatches(images, cfg.fit.batch_size, device, videos)
+        fitted[key] = heads.save_head(key, heads.fit_head(batches, holdout_folds(cfg), progress))
+    return fitted
 
 
 def category_checkpoint(checkpoint: str | Path, category: str, several: bool = True) -> Path:
