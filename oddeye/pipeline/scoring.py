@@ -54,6 +54,14 @@ class BatchResult:
     failed: dict[int, str] = field(default_factory=dict)
     """Frames (by index) the model failed on, with the error: they go to the dead-letter path while
     the rest of the batch is scored (a failing batch is retried frame by frame to find them)."""
+    model_versions: dict[int, int] = field(default_factory=dict)
+    """scope camera: the version of the head that scored each frame (by index; 0: the default model)."""
+    camera_models: dict[str, dict[str, float]] = field(default_factory=dict)
+    """scope camera: per camera of the batch, its head's ``version``, ``fitted_at`` and ``fit_progress``."""
+    swaps: dict[str, int] = field(default_factory=dict)
+    """scope camera: cumulative hot swaps of this replica's heads, by camera (or group)."""
+    head_bytes: int | None = None
+    """scope camera: bytes of the heads this replica holds in memory."""
 
 
 def configure_threads(num_threads: int | None) -> int:
@@ -175,17 +183,7 @@ class ModelWorker:
             labels = np.zeros(len(frames), bool)
             if pred.label is not None:
                 labels[index] = pred.label.cpu().numpy().astype(bool)
-            maps = None
-            if pred.anomaly_map is not None and want_maps != "none":
-                rows = [
-                    k
-                    for k, j in enumerate(index)
-                    if want_maps == "all" or scores[j] >= self.map_threshold or (self.labels_alert and labels[j])
-                ]
-                maps = {}
-                if rows:
-                    sel = pred.anomaly_map[rows].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
-                    maps = {index[k]: sel[r] for r, k in enumerate(rows)}
+            maps = self.select_maps(pred.anomaly_map, index, scores, labels, want_maps)
             boxes = None
             if pred.boxes is not None:
                 boxes = [[] for _ in frames]
@@ -204,6 +202,27 @@ class ModelWorker:
         return BatchResult(
             scores, maps, boxes, time.perf_counter() - t0, self.name, None, skipped, resets, labels=labels
         )
+
+    def select_maps(
+        self,
+        anomaly_map: torch.Tensor | None,
+        index: list[int],
+        scores: np.ndarray,
+        labels: np.ndarray,
+        want_maps: str,
+    ) -> dict[int, np.ndarray] | None:
+        """uint8 maps by frame index for the rows (``index``: their frames) that ``want_maps`` asks for."""
+        if anomaly_map is None or want_maps == "none":
+            return None
+        rows = [
+            k
+            for k, j in enumerate(index)
+            if want_maps == "all" or scores[j] >= self.map_threshold or (self.labels_alert and labels[j])
+        ]
+        if not rows:
+            return {}
+        sel = anomaly_map[rows].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+        return {index[k]: sel[r] for r, k in enumerate(rows)}
 
     def _one_by_one(
         self, frames: list[Frame], images: np.ndarray | list[np.ndarray], want_maps: str, t0: float

@@ -1,0 +1,284 @@
+"""The model stage with ``model.scope: camera``: one backbone pass per batch, each camera's own head.
+
+``CameraHeadsWorker`` scores a batch mixing cameras with the heads of a model directory
+(``oddeye.models.camera_heads``). A camera with no head yet follows ``model.on_missing``:
+
+- ``skip``: its frames are reported skipped, reason ``no_model`` (counted as dropped, acknowledged);
+- ``default``: they are scored by the fallback model (``model.default``);
+- ``fit``: its first ``fit.max_frames`` frames (every ``fit.stride``-th) are kept and reported
+  skipped, reason ``fitting``; a head is then fitted on a background thread (other cameras go on
+  scoring), written to the directory as a new version, and the camera scores from then on.
+
+Every ``model.refresh_s`` the worker looks for newer versions of its heads (``oddeye fit --camera``,
+or another replica's fit) and swaps them in; swaps are logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from oddeye.config import ConfigError, ModelConfig
+from oddeye.frames import Frame, Prediction
+from oddeye.models.base import AnomalyModel, CheckpointError, load_model
+from oddeye.models.camera_heads import CameraHeads, LoadedHead
+from oddeye.pipeline.scoring import BatchResult, ModelWorker, configure_threads, resolve_device
+
+__all__ = ["CameraHeadsWorker"]
+
+log = logging.getLogger(__name__)
+
+# Scores the images [n, 3, H, W] of some frames of a batch (their indices): the prediction and head versions.
+_Scorer = Callable[[torch.Tensor, list[int]], tuple[Prediction, list[int]]]
+
+
+@dataclass
+class _Rows:
+    """A batch's results laid out by frame index; frames not scored keep NaN."""
+
+    n: int
+    want_maps: str
+    scores: np.ndarray = field(init=False)
+    labels: np.ndarray = field(init=False)
+    maps: dict[int, np.ndarray] = field(default_factory=dict)
+    versions: dict[int, int] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scores = np.full(self.n, np.nan, np.float32)
+        self.labels = np.zeros(self.n, bool)
+
+
+class CameraHeadsWorker(ModelWorker):
+    """Scores batches with per-camera heads on one shared backbone (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        default_checkpoint: bytes | None = None,
+        device: str = "auto",
+        num_threads: int | None = None,
+        map_threshold: float = 0.0,
+        labels_alert: bool = False,
+        fit_max_frames: int = 200,
+        fit_stride: int = 1,
+        fit_batch_size: int = 16,
+        fit_folds: int = 5,
+    ) -> None:
+        self.num_threads = configure_threads(num_threads)
+        self.map_threshold = float(map_threshold)
+        self.labels_alert = bool(labels_alert)
+        self.device = resolve_device(device)
+        self.config = model
+        self.on_missing = model.on_missing or "skip"
+        self.heads = CameraHeads.open(
+            model.directory,
+            model.name,
+            model.params,
+            model.image_size,
+            self.device,
+            model.head_dtype,
+            model.max_head_bytes,
+        )
+        self.model = self.heads.template
+        self.default: AnomalyModel | None = None
+        if default_checkpoint is not None:
+            self.default = load_model(default_checkpoint).to(self.device).eval()
+            if self.default.image_size != self.heads.image_size or self.default.is_video:
+                raise CheckpointError(
+                    f"model.default is {self.default.name} for {self.default.image_size} images; the heads take "
+                    f"{self.heads.image_size}: fit the default model with the same model.image_size"
+                )
+        self.name = self.heads.name
+        self.image_size = self.heads.image_size
+        self.clips = None
+        self.inference: dict[str, Any] = {}
+        self.fit_max_frames = int(fit_max_frames)
+        self.fit_stride = max(1, int(fit_stride))
+        self.fit_batch_size = int(fit_batch_size)
+        self.fit_folds = int(fit_folds)
+        self.swaps: dict[str, int] = {}
+        self._buffers: dict[str, list[np.ndarray]] = {}
+        self._buffer_seen: dict[str, int] = {}
+        self._fits: dict[str, Future[LoadedHead]] = {}
+        self._fit_failed: dict[str, str] = {}
+        self._fitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-fit")
+        self._missing_until: dict[str, float] = {}
+        self._next_refresh = time.monotonic() + model.refresh_s
+        log.info(
+            "per-camera %s heads from %s on %s (on_missing: %s)",
+            self.name,
+            model.directory,
+            self.device,
+            self.on_missing,
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "routes_by_camera": True, "scope": "camera", "directory": str(self.heads.directory)}
+
+    # ------------------------------------------------------------------ heads
+    def _head(self, key: str) -> LoadedHead | None:
+        """The key's head, or None; a key found missing is looked up on disk again only every ``refresh_s``."""
+        if time.monotonic() < self._missing_until.get(key, 0.0):
+            return None
+        try:
+            head = self.heads.get(key)
+        except CheckpointError as e:
+            log.error("%s: head not loaded: %s", key, e)
+            head = None
+        if head is None:
+            self._missing_until[key] = time.monotonic() + self.config.refresh_s
+        else:
+            self._missing_until.pop(key, None)
+        return head
+
+    def _refresh(self) -> None:
+        """Hot swap: newer stored versions replace loaded heads; finished background fits are installed."""
+        for key, fut in list(self._fits.items()):
+            if not fut.done():
+                continue
+            del self._fits[key]
+            try:
+                loaded = fut.result()
+            except Exception as e:  # a failed fit keeps its camera unscored and says why
+                self._fit_failed[key] = f"{type(e).__name__}: {e}"
+                log.error("%s: fitting a head failed: %s", key, self._fit_failed[key])
+                continue
+            self.heads.install(loaded)
+            self._missing_until.pop(key, None)
+            self._buffers.pop(key, None)
+            log.info("%s: head v%d fitted from the stream; scoring starts", key, loaded.version)
+        if time.monotonic() < self._next_refresh:
+            return
+        self._next_refresh = time.monotonic() + self.config.refresh_s
+        self._missing_until.clear()
+        for key, old, new in self.heads.refresh():
+            self.swaps[key] = self.swaps.get(key, 0) + 1
+            log.warning("%s: hot swap of its head v%d → v%d", key, old, new)
+
+    def _buffer_for_fit(self, key: str, image: np.ndarray) -> None:
+        """Keep a frame of a camera being learnt; start the background fit once enough are kept."""
+        if key in self._fits or key in self._fit_failed:
+            return
+        n = self._buffer_seen[key] = self._buffer_seen.get(key, 0) + 1
+        frames = self._buffers.setdefault(key, [])
+        if (n - 1) % self.fit_stride == 0 and len(frames) < self.fit_max_frames:
+            frames.append(np.array(image, copy=True))
+        if len(frames) >= self.fit_max_frames:
+            images = np.stack(frames)
+            log.info("%s: %d frames kept; fitting its %s head in the background", key, len(images), self.name)
+            self._fits[key] = self._fitter.submit(self._fit, key, images)
+
+    def _fit(self, key: str, images: np.ndarray) -> LoadedHead:
+        batches = [
+            self.images_to_tensor(images[i : i + self.fit_batch_size])
+            for i in range(0, len(images), self.fit_batch_size)
+        ]
+        head = self.heads.fit_head(batches, folds=self.fit_folds)
+        return self.heads.save_head(key, head)
+
+    def fit_progress(self, key: str) -> float:
+        """1 once the key has a head; else the share of its fit frames kept so far."""
+        if key in self.heads.loaded():
+            return 1.0
+        return min(1.0, len(self._buffers.get(key, ())) / self.fit_max_frames) if self.on_missing == "fit" else 0.0
+
+    # ------------------------------------------------------------------ scoring
+    @torch.inference_mode()
+    def score(
+        self, frames: list[Frame], images: np.ndarray | list[np.ndarray] | None = None, want_maps: str = "alerting"
+    ) -> BatchResult:
+        """Score a batch mixing cameras: one backbone pass for the frames whose cameras have heads."""
+        t0 = time.perf_counter()
+        if images is None:
+            images = [f.image for f in frames]
+        self._refresh()
+        skipped: dict[int, str] = {}
+        by_head: list[int] = []
+        keys: list[str] = []
+        fallback: list[int] = []
+        status: dict[str, dict[str, float]] = {}
+        for i, f in enumerate(frames):
+            try:
+                key = self.config.head_key(f.camera_id)
+            except ConfigError as e:
+                skipped[i] = "ambiguous_group"
+                log.error("%s", e)
+                continue
+            head = self._head(key)
+            status[f.camera_id] = {
+                "version": float(head.version if head else 0),
+                "fitted_at": head.fitted_at if head else 0.0,
+                "fit_progress": 1.0 if head else self.fit_progress(key),
+            }
+            if head is not None:
+                by_head.append(i)
+                keys.append(key)
+            elif self.on_missing == "default" and self.default is not None:
+                fallback.append(i)
+            elif self.on_missing == "fit" and key not in self._fit_failed:
+                self._buffer_for_fit(key, images[i])
+                status[f.camera_id]["fit_progress"] = self.fit_progress(key)
+                skipped[i] = "fitting"
+            else:
+                skipped[i] = "no_model"
+        out = _Rows(len(frames), want_maps)
+        if by_head:
+            head_keys = dict(zip(by_head, keys, strict=True))
+            self._score_rows(by_head, lambda x, r: self.heads.predict(x, [head_keys[j] for j in r]), images, out)
+        if fallback:
+            self._score_rows(fallback, self._score_default, images, out)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return BatchResult(
+            out.scores,
+            out.maps if out.maps or by_head or fallback else None,
+            None,
+            time.perf_counter() - t0,
+            self.name,
+            None,
+            skipped,
+            labels=out.labels,
+            failed=out.failed,
+            model_versions=out.versions,
+            camera_models=status,
+            swaps=dict(self.swaps),
+            head_bytes=self.heads.head_bytes,
+        )
+
+    def _score_default(self, x: torch.Tensor, rows: list[int]) -> tuple[Prediction, list[int]]:
+        assert self.default is not None
+        return self.default(x), [0] * len(rows)
+
+    def _score_rows(self, rows: list[int], run: _Scorer, images: np.ndarray | list[np.ndarray], out: _Rows) -> None:
+        """Score ``rows`` together; if that fails, one by one, so only the frames that fail are dead letters."""
+        try:
+            pred, used = run(self.images_to_tensor([images[j] for j in rows]), rows)
+            got = pred.score.float().cpu().numpy()
+            if not np.all(np.isfinite(got)):
+                raise FloatingPointError("model returned non-finite scores")
+        except Exception as e:
+            if len(rows) == 1:
+                log.exception("model %s failed on a frame", self.name)
+                out.failed[rows[0]] = f"{type(e).__name__}: {e}"
+                return
+            log.warning("model %s failed on %d frames (%s); scoring them one by one", self.name, len(rows), e)
+            for j in rows:
+                self._score_rows([j], run, images, out)
+            return
+        out.scores[rows] = got
+        if pred.label is not None:
+            out.labels[rows] = pred.label.cpu().numpy().astype(bool)
+        out.maps.update(self.select_maps(pred.anomaly_map, rows, out.scores, out.labels, out.want_maps) or {})
+        out.versions.update(zip(rows, used, strict=True))
+
+    def close(self) -> None:
+        """Stop the background fitter (a fit under way finishes first)."""
+        self._fitter.shutdown(wait=True)

@@ -1,0 +1,190 @@
+"""model.scope camera without Ray: each frame scored by its camera's head, on_missing, hot swap, config, refit."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from oddeye.config import ConfigError, ModelConfig, parse_config
+from oddeye.frames import Frame
+from oddeye.models.base import FitError
+from oddeye.models.camera_heads import CameraHeads
+from oddeye.models.registry import create_model
+from oddeye.pipeline.camera_scoring import CameraHeadsWorker
+from oddeye.pipeline.fit import fit_camera_heads
+from oddeye.sources.synthetic import SyntheticCamera
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SIZE = 64
+PARAMS = {"backbone": "resnet18", "layer": "layer2", "pre_trained": False, "pooling_kernel_size": 2}
+
+
+def camera_frames(camera: str, seed: int, n: int, start: int = 0) -> tuple[list[Frame], np.ndarray]:
+    """Normal frames of a synthetic camera (its own scene: the seed), at the model's input size."""
+    cam = SyntheticCamera(camera, SIZE, SIZE, num_frames=n, seed=seed, anomaly_every=0, start_seq=start)
+    frames = list(cam)
+    images = np.stack([f.image for f in frames])
+    return [Frame(f.camera_id, f.seq, f.timestamp, None) for f in frames], images  # type: ignore[arg-type]
+
+
+def model_config(tmp_path: Path, **kw: Any) -> ModelConfig:
+    return ModelConfig(
+        name="dfm", scope="camera", directory=str(tmp_path / "models"), image_size=(SIZE, SIZE), params=PARAMS, **kw
+    )
+
+
+def fit_head(heads: CameraHeads, key: str, images: np.ndarray) -> None:
+    batches = [torch.from_numpy(images[i : i + 8]).permute(0, 3, 1, 2).float() / 255 for i in range(0, len(images), 8)]
+    heads.save_head(key, heads.fit_head(batches, folds=3))
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> CameraHeads:
+    """A model directory with heads for cam-a (seed 1) and cam-b (seed 2)."""
+    torch.manual_seed(0)
+    heads = CameraHeads.open(tmp_path / "models", "dfm", PARAMS, (SIZE, SIZE))
+    for cam, seed in (("cam-a", 1), ("cam-b", 2)):
+        fit_head(heads, cam, camera_frames(cam, seed, 24)[1])
+    return heads
+
+
+def mixed_batch() -> tuple[list[Frame], np.ndarray]:
+    fa, ia = camera_frames("cam-a", 1, 4, start=100)
+    fb, ib = camera_frames("cam-b", 2, 4, start=100)
+    fc, ic = camera_frames("cam-c", 3, 2, start=100)
+    order = [0, 4, 8, 1, 5, 9, 2, 6, 3, 7]  # interleaved cameras
+    frames, images = fa + fb + fc, np.concatenate([ia, ib, ic])
+    return [frames[i] for i in order], images[order]
+
+
+def test_a_mixed_batch_scores_each_frame_with_its_own_camera_head(directory: CameraHeads, tmp_path: Path) -> None:
+    worker = CameraHeadsWorker(model_config(tmp_path, on_missing="skip"), device="cpu", num_threads=1)
+    assert worker.info()["routes_by_camera"] is True
+    frames, images = mixed_batch()
+    res = worker.score(frames, images, "all")
+    cams = [f.camera_id for f in frames]
+    known = [i for i, c in enumerate(cams) if c != "cam-c"]
+    # What each camera's own head gives for its frames alone:
+    for cam in ("cam-a", "cam-b"):
+        rows = [i for i, c in enumerate(cams) if c == cam]
+        alone, _ = directory.predict(
+            torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float() / 255, [cam] * len(rows)
+        )
+        np.testing.assert_allclose(res.scores[rows], alone.score.numpy(), rtol=1e-4, atol=1e-5)
+    assert res.skipped == {i: "no_model" for i, c in enumerate(cams) if c == "cam-c"}
+    assert sorted(res.anomaly_maps) == known and res.model_versions == dict.fromkeys(known, 1)
+    assert res.camera_models["cam-a"]["version"] == 1 and res.camera_models["cam-c"]["version"] == 0
+    assert res.head_bytes and res.head_bytes > 0
+    # A cam-a frame under cam-b's head is far from normal: the heads differ, and each frame got its own.
+    a_rows = [i for i, c in enumerate(cams) if c == "cam-a"]
+    crossed, _ = directory.predict(
+        torch.from_numpy(images[a_rows]).permute(0, 3, 1, 2).float() / 255, ["cam-b"] * len(a_rows)
+    )
+    assert crossed.score.min() > res.scores[a_rows].max()
+
+
+def test_on_missing_default_scores_with_the_fallback_model(directory: CameraHeads, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    fallback = create_model("dfm", image_size=[SIZE, SIZE], **PARAMS)
+    fallback.fit([torch.from_numpy(camera_frames("x", 9, 16)[1]).permute(0, 3, 1, 2).float() / 255], progress=False)
+    path = fallback.save(tmp_path / "default.pt")
+    cfg = model_config(tmp_path, on_missing="default", default=str(path))
+    worker = CameraHeadsWorker(cfg, default_checkpoint=path.read_bytes(), device="cpu", num_threads=1)
+    frames, images = mixed_batch()
+    res = worker.score(frames, images)
+    assert res.skipped == {} and np.isfinite(res.scores).all()
+    assert all(res.model_versions[i] == 0 for i, f in enumerate(frames) if f.camera_id == "cam-c")
+    assert all(res.model_versions[i] == 1 for i, f in enumerate(frames) if f.camera_id != "cam-c")
+
+
+def test_on_missing_fit_learns_a_new_camera_from_its_first_frames(directory: CameraHeads, tmp_path: Path) -> None:
+    worker = CameraHeadsWorker(
+        model_config(tmp_path, on_missing="fit"), device="cpu", num_threads=1, fit_max_frames=12, fit_folds=3
+    )
+    frames, images = camera_frames("cam-new", 5, 24)
+    first = worker.score(frames[:8], images[:8])
+    assert first.skipped == dict.fromkeys(range(8), "fitting")
+    assert first.camera_models["cam-new"]["fit_progress"] == pytest.approx(8 / 12)
+    second = worker.score(frames[8:16], images[8:16])  # frames 8-11 complete the fit set; the fit starts
+    assert second.skipped == dict.fromkeys(range(8), "fitting")
+    deadline = time.monotonic() + 60
+    while worker._fits and time.monotonic() < deadline:
+        worker._fits["cam-new"].exception(timeout=deadline - time.monotonic())
+        worker._refresh()
+    third = worker.score(frames[16:], images[16:])
+    assert third.skipped == {} and np.isfinite(third.scores).all()
+    assert third.camera_models["cam-new"] == {
+        "version": 1.0,
+        "fitted_at": pytest.approx(time.time(), abs=120),
+        "fit_progress": 1.0,
+    }
+    assert (tmp_path / "models" / "cameras" / "cam-new" / "v1.pt").is_file()
+    # Learnt from its own stream: its frames score lower under its new head than under another camera's.
+    other, _ = directory.predict(torch.from_numpy(images[16:]).permute(0, 3, 1, 2).float() / 255, ["cam-a"] * 8)
+    assert third.scores.mean() < other.score.numpy().mean()
+    worker.close()
+
+
+def test_a_refit_hot_swaps_without_losing_frames(directory: CameraHeads, tmp_path: Path) -> None:
+    worker = CameraHeadsWorker(model_config(tmp_path, refresh_s=0.05), device="cpu", num_threads=1)
+    frames, images = camera_frames("cam-a", 1, 16, start=200)
+    before = worker.score(frames[:8], images[:8])
+    fit_head(directory, "cam-a", camera_frames("cam-a", 7, 24)[1])  # `oddeye fit --camera cam-a`, elsewhere
+    time.sleep(0.1)
+    after = worker.score(frames[8:], images[8:])
+    for res in (before, after):
+        assert res.skipped == {} and res.failed == {} and np.isfinite(res.scores).all()  # every frame scored
+    assert set(before.model_versions.values()) == {1} and set(after.model_versions.values()) == {2}
+    assert after.swaps == {"cam-a": 1} and after.camera_models["cam-a"]["version"] == 2
+
+
+def test_groups_share_a_head_and_an_overlap_is_a_config_error(tmp_path: Path) -> None:
+    cfg = model_config(tmp_path, groups=[{"name": "docks", "cameras": "dock-*"}, {"name": "gate", "cameras": ["g1"]}])
+    assert cfg.head_key("dock-3") == "group:docks" and cfg.head_key("g1") == "group:gate" and cfg.head_key("x") == "x"
+    with pytest.raises(ValueError, match=r"camera 'dock-1' matches both group 'docks' and group 'first'"):
+        model_config(
+            tmp_path, groups=[{"name": "docks", "cameras": "re:dock-[0-9]+"}, {"name": "first", "cameras": ["dock-1"]}]
+        )
+    overlapping = model_config(tmp_path, groups=[{"name": "a", "cameras": "cam-*"}, {"name": "b", "cameras": "*-1"}])
+    with pytest.raises(ConfigError, match=r"'cam-1' matches both group 'a' and group 'b'"):
+        overlapping.head_key("cam-1")
+    raw = {
+        "sources": [{"type": "synthetic", "camera_id": "cam-1"}],
+        "model": {"scope": "camera", "groups": [{"name": "a", "cameras": "cam-*"}, {"name": "b", "cameras": "*-1"}]},
+    }
+    with pytest.raises(ConfigError, match=r"model.*'cam-1' matches both group 'a' and group 'b'"):
+        parse_config(raw)
+
+
+def test_camera_scope_config_checks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'draem' does not.*padim"):
+        ModelConfig(name="draem", scope="camera")
+    with pytest.raises(ValueError, match=r"on_missing: default needs model\.default"):
+        model_config(tmp_path, on_missing="default")
+    base = {"sources": [{"type": "synthetic"}], "model": {"scope": "camera"}}
+    assert parse_config(base).model.on_missing == "skip"
+    assert parse_config({**base, "fit": {"auto": True}}).model.on_missing == "fit"
+
+
+def test_refitting_a_camera_with_no_frames_keeps_its_head(directory: CameraHeads, tmp_path: Path) -> None:
+    raw = {
+        "sources": [
+            {"type": "synthetic", "camera_id": "cam-a", "width": SIZE, "height": SIZE, "seed": 1, "num_frames": 30},
+            {"type": "synthetic", "camera_id": "cam-b", "width": SIZE, "height": SIZE, "seed": 2, "num_frames": 30},
+        ],
+        "fit": {"max_frames": 12, "batch_size": 8, "val_fraction": 0.34},
+        "model": {**model_config(tmp_path).model_dump(), "params": PARAMS},
+    }
+    cfg = parse_config(raw)
+    with pytest.raises(FitError, match=r"camera 'cam-z': 0 frame\(s\).*its head v1 stays|camera 'cam-z'.*no head yet"):
+        fit_camera_heads(cfg, ["cam-z"], progress=False)
+    fitted = fit_camera_heads(cfg, ["cam-a"], progress=False)
+    assert list(fitted) == ["cam-a"] and fitted["cam-a"].version == 2  # a new version; cam-b untouched
+    assert directory.versions("cam-a") == [1, 2] and directory.versions("cam-b") == [1]
