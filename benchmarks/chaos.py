@@ -133,12 +133,27 @@ class Publisher:
 
 
 # ----------------------------------------------------------------------------- watching
-def tree_rss() -> dict[str, int]:
-    """RSS (bytes) of processes by kind: oddeye driver, Ray workers/raylet/gcs, tansu, RTSP server."""
-    out: dict[str, int] = defaultdict(int)
+def descendants(root: int) -> set[str]:
+    """PIDs (as strings) of every process below ``root``: only this run's processes are measured."""
+    children: dict[str, list[str]] = defaultdict(list)
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+        if pid.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                children[stat.rsplit(")", 1)[1].split()[1]].append(pid)
+    out, todo = set(), [str(root)]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def tree_rss() -> dict[str, int]:
+    """RSS (bytes) of this run's processes by kind: oddeye driver, Ray workers/raylet/gcs, tansu, RTSP server."""
+    out: dict[str, int] = defaultdict(int)
+    for pid in descendants(os.getpid()):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             rss = next(

@@ -143,7 +143,8 @@ class KafkaSourceConfig(_SourceBase):
     """Any other kafka-python KafkaConsumer options."""
     reconnect_initial_s: float = Field(0.5, gt=0)
     """First wait before retrying an unreachable broker; doubles (with jitter) up to ``reconnect_max_s``."""
-    reconnect_max_s: float = Field(30.0, gt=0)
+    reconnect_max_s: float = Field(5.0, gt=0)
+    """Longest wait between reconnect attempts: a broker back from an outage is found within it."""
     allow_skip: bool = False
     """Allow a lossy ``drop_policy`` (drop_oldest/drop_newest): dropped messages are then committed
     without being scored. Off by default: a topic is at-least-once and waits instead."""
@@ -476,11 +477,14 @@ class KafkaSinkConfig(_Section):
     producer: dict[str, Any] = Field(default_factory=dict)
     """Any other kafka-python KafkaProducer options."""
     buffer_records: int = Field(10_000, ge=1)
-    """Records held while the broker is slow or unreachable; beyond it results are dropped (counted)."""
+    """Records held while the broker is slow or unreachable; beyond it the pipeline stops taking frames
+    (back-pressure: nothing is dropped, and offsets are committed only once results are delivered)."""
     flush_timeout_s: float = Field(10.0, gt=0)
     """How long a flush waits for the broker to acknowledge before offsets are held back."""
     connect_timeout_s: float = Field(5.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    reconnect_max_s: float = Field(5.0, gt=0)
+    """Longest wait between reconnect attempts, and how long deliveries may keep failing before the
+    producer is replaced: results reach a broker back from an outage within about this."""
 
 
 class WebhookSinkConfig(_Section):

@@ -12,8 +12,13 @@ before any later record. Nothing is ever dropped: while the queue holds ``buffer
 or more, ``saturated`` is True and the pipeline stops taking frames (back-pressure), so
 memory stays bounded and commits resume when the broker is back.
 
-A broker that is down at start is logged once and retried with backoff. ``security`` options (SASL
-passwords, key files) go to the producer and are never logged.
+A broker that is down at start is logged once and retried with backoff. A producer whose
+deliveries keep failing for ``reconnect_max_s`` with nothing delivered (a broker that came back
+without the producer's state answers its idempotent-producer handshake with a fatal error, and
+kafka-python's producer never recovers from that) is closed and replaced, its records sent again.
+Idempotence is off by default: delivery is at-least-once anyway, each camera's records stay in
+order (one request in flight), and consumers can drop repeats by ``(camera_id, seq)``.
+``security`` options (SASL passwords, key files) go to the producer and are never logged.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class KafkaSink(Sink):
         buffer_records: int = 10_000,
         flush_timeout_s: float = 10.0,
         connect_timeout_s: float = 5.0,
-        reconnect_max_s: float = 30.0,
+        reconnect_max_s: float = 5.0,
     ) -> None:
         if acks not in _ACKS:
             raise ValueError(f"acks must be one of {', '.join(_ACKS)}, got {acks!r}")
@@ -90,6 +95,9 @@ class KafkaSink(Sink):
             "max_block_ms": 5_000,
             "max_in_flight_requests_per_connection": 1,
             "bootstrap_timeout_ms": int(connect_timeout_s * 1000),
+            # a broker back from an outage is found within reconnect_max_s (kafka-python waits up to 30 s)
+            "reconnect_backoff_max_ms": int(reconnect_max_s * 1000),
+            "enable_idempotence": False,
             **(producer or {}),
             **(security or {}),
             "bootstrap_servers": bootstrap_servers,
@@ -107,6 +115,7 @@ class KafkaSink(Sink):
         self._closing = threading.Event()
         self._last_error: str | None = None
         self._unreachable = False  # the last connection attempt failed
+        self._failing_since: float | None = None  # deliveries failing, none delivered since then
         self._thread = threading.Thread(target=self._run, name="kafka-sink", daemon=True)
         self._thread.start()
 
@@ -223,6 +232,10 @@ class KafkaSink(Sink):
         backoff = 0.5
         warned = False
         while not self._closing.is_set():
+            if self._producer is not None and self._stuck():
+                self._replace_producer()
+            if self._failing_since is not None:  # deliveries failing: resend at a bounded rate, not in a hot loop
+                self._closing.wait(0.1)
             if self._producer is None:
                 if self._connect():
                     log.info("kafka sink connected to %s", self.bootstrap_servers)
@@ -262,8 +275,28 @@ class KafkaSink(Sink):
             future.add_callback(self._delivered, record[3])
             future.add_errback(self._undelivered, record)
 
+    def _stuck(self) -> bool:
+        with self._cond:
+            since = self._failing_since
+        return since is not None and time.monotonic() - since > max(2.0, self.reconnect_max_s)
+
+    def _replace_producer(self) -> None:
+        """Close a producer that keeps failing (its unsent records come back through the errback) and start afresh."""
+        with self._cond:
+            producer, self._producer = self._producer, None
+            self._failing_since = None
+            error = self._last_error
+        log.warning(
+            "kafka sink: deliveries to %s keep failing (%s); starting a new producer", self.bootstrap_servers, error
+        )
+        try:
+            producer.close(timeout=1)
+        except Exception:
+            log.debug("closing the failing Kafka producer", exc_info=True)
+
     def _delivered(self, seq: int, _metadata: Any) -> None:
         with self._cond:
+            self._failing_since = None
             self.sent += 1
             self._outstanding -= 1
             self._done.add(seq)
@@ -282,6 +315,8 @@ class KafkaSink(Sink):
     def _requeue(self, record: _Record, error: str) -> None:
         """Put a failed record back ahead of later ones (in sequence order), to be sent again."""
         with self._cond:
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
             self._last_error = error
             i = 0
             while i < len(self._queue) and self._queue[i][3] < record[3]:

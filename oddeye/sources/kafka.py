@@ -237,7 +237,7 @@ class KafkaSource(Source):
         security: dict[str, Any] | None = None,
         consumer: dict[str, Any] | None = None,
         reconnect_initial_s: float = 0.5,
-        reconnect_max_s: float = 30.0,
+        reconnect_max_s: float = 5.0,
     ) -> None:
         super().__init__()
         from kafka import KafkaConsumer
@@ -278,6 +278,8 @@ class KafkaSource(Source):
             "session_timeout_ms": int(session_timeout_ms),
             "heartbeat_interval_ms": int(heartbeat_interval_ms),
             "bootstrap_timeout_ms": _BOOTSTRAP_TIMEOUT_MS,
+            # a broker back from an outage is found within reconnect_max_s (kafka-python waits up to 30 s)
+            "reconnect_backoff_max_ms": int(float(reconnect_max_s) * 1000),
             **self.security,
             **extra,
             "enable_auto_commit": False,
