@@ -186,6 +186,8 @@ class AnomalyModel(nn.Module):
         self.map_normalizer = ScoreNormalizer()
         self.fitted = False
         self._config: dict[str, Any] = {}
+        # True while a split model fits on precomputed ``embed`` features instead of images (``fit_embedded``).
+        self.embedded_inputs = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Wrap each subclass ``__init__`` so the outermost call records its arguments for ``save``.
@@ -238,6 +240,8 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "embedded_inputs", False):
+            return x  # features from ``embed``, checked when they were computed
         return _check_images(x, self.image_size)
 
     # -- backbone and head (models whose scoring splits into a shared feature pass and a fitted head)
@@ -257,6 +261,31 @@ class AnomalyModel(nn.Module):
     def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """The head half: ``raw_forward``'s outputs from ``embed``'s features, maps at ``size``."""
         raise NotImplementedError(f"{self.name} does not split into a shared backbone and a head")
+
+    def embedding_of(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``embed(inputs)``, or ``inputs`` themselves while fitting on precomputed features."""
+        return inputs if self.embedded_inputs else self.embed(inputs)
+
+    def map_size(self, inputs: torch.Tensor) -> tuple[int, int]:
+        """The size of the maps ``raw_forward`` returns: the images', or ``image_size`` for precomputed features."""
+        return self.image_size if self.embedded_inputs else (int(inputs.shape[-2]), int(inputs.shape[-1]))
+
+    def fit_embedded(self, batches: Iterable[Any], folds: int = DEFAULT_FOLDS, progress: bool = True) -> AnomalyModel:
+        """``fit`` on image batches with one backbone pass: the frozen backbone's features are computed once
+        and every fold fit (the normalisation's held-out scores) reuses them. Same result as ``fit``."""
+        if not self.splits_backbone():
+            raise TypeError(f"{self.name} does not split into a shared backbone and a head")
+        cached = []
+        with torch.no_grad():
+            for batch in batches:
+                images, videos = _unpack(batch)
+                features = self.embed(self._check_input(images))
+                cached.append(features if videos is None else {"image": features, "video": videos})
+        self.embedded_inputs = True
+        try:
+            return self.fit(cached, progress=progress, folds=folds)
+        finally:
+            self.embedded_inputs = False
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The fitted state without the shared backbone's weights (what a per-camera head checkpoint holds)."""

@@ -226,10 +226,8 @@ class CameraHeads:
         return head.to(self.device).eval()
 
     def fit_head(self, batches: Iterable[Any], folds: int = 5, progress: bool = False) -> AnomalyModel:
-        """Fit a new head on normal image batches (re-iterable; see ``AnomalyModel.fit``); not yet saved."""
-        head = self.new_head()
-        head.fit(batches, progress=progress, folds=folds)
-        return head
+        """Fit a new head on normal image batches (see ``AnomalyModel.fit``) with one backbone pass; not yet saved."""
+        return self.new_head().fit_embedded(batches, folds=folds, progress=progress)
 
     def save_head(self, key: str, head: AnomalyModel) -> LoadedHead:
         """Write ``head`` as the next version of ``key``'s head (atomically); returns it as read back from disk."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from oddeye.models.base import CheckpointError, read_checkpoint
+from oddeye.models.base import CheckpointError, create_model, read_checkpoint
 from oddeye.models.camera_heads import CameraHeads, camera_dirname, split_models
 from tests.models.helpers import SIZE, add_defect, auroc, normal_images
 
@@ -78,6 +78,20 @@ def test_mixed_batch_scores_each_frame_with_its_own_camera_head(
     # One mixed batch gives what scoring each camera alone gives.
     alone, _ = heads.predict(a, ["dock"] * n)
     torch.testing.assert_close(alone.score, own_a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["padim", "patchcore", "cfa"])
+def test_fitting_on_cached_features_equals_fitting_on_images(name: str, scenes: dict[str, torch.Tensor]) -> None:
+    """A head fits with one backbone pass (the k fold fits reuse the features) and learns the same."""
+    torch.manual_seed(0)
+    a = create_model(name, image_size=[SIZE, SIZE], **PARAMS[name]).fit(scenes["a"].split(8), folds=3, progress=False)
+    torch.manual_seed(0)
+    b = create_model(name, image_size=[SIZE, SIZE], **PARAMS[name])
+    b.fit_embedded(scenes["a"].split(8), folds=3, progress=False)
+    assert not b.embedded_inputs
+    batch = torch.cat([scenes["a_test"], scenes["a_defect"]])
+    torch.testing.assert_close(b(batch).score, a(batch).score, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b.normalizer.threshold, a.normalizer.threshold, rtol=1e-3, atol=1e-6)
 
 
 def test_heads_reload_from_the_directory_without_the_backbone(scenes: dict[str, torch.Tensor], tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ class Cfa(AnomalyModel):
 
     def _target_features(self, images: torch.Tensor) -> torch.Tensor:
         """Adapted patch features [B, h*w, C'] (differentiable in the descriptor)."""
-        return self.descriptor(self._patch_features(images)).flatten(2).transpose(1, 2)
+        return self.descriptor(self.embedding_of(images)).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def _init_memory_bank(self, batches: Iterator[torch.Tensor], progress: bool) -> list[torch.Tensor]:
@@ -186,7 +186,7 @@ class Cfa(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw score [B] (max of the map) and anomaly map [B, H, W] (soft-min distances, upsampled, blurred)."""
-        return self.score_embedding(self._patch_features(images), tuple(images.shape[-2:]))
+        return self.score_embedding(self.embedding_of(images), self.map_size(images))
 
     @torch.no_grad()
     def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

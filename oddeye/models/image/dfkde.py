@@ -65,7 +65,7 @@ class Dfkde(AnomalyModel):
     @torch.no_grad()
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         rows = [
-            self._features(images).cpu()
+            self.embedding_of(images).cpu()
             for images in progress_bar(batches, desc="dfkde: collecting features", unit="batch", disable=not progress)
         ]
         if not rows:
@@ -80,7 +80,7 @@ class Dfkde(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Raw score [B]: the negative log-likelihood of each image's pooled features."""
-        return self.score_embedding(self._features(images), tuple(images.shape[-2:]))
+        return self.score_embedding(self.embedding_of(images), self.map_size(images))
 
     @torch.no_grad()
     def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, None]:

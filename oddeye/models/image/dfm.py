@@ -73,7 +73,7 @@ class Dfm(AnomalyModel):
     @torch.no_grad()
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         rows = [
-            self._features(images).flatten(1).cpu()
+            self.embedding_of(images).flatten(1).cpu()
             for images in progress_bar(batches, desc="dfm: collecting features", unit="batch", disable=not progress)
         ]
         if not rows:
@@ -131,7 +131,7 @@ class Dfm(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw score [B]; for ``fre`` also the reconstruction-error map [B, H, W] (upsampled feature grid)."""
-        return self.score_embedding(self._features(images), tuple(images.shape[-2:]))
+        return self.score_embedding(self.embedding_of(images), self.map_size(images))
 
     @torch.no_grad()
     def score_embedding(

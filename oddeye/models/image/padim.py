@@ -103,7 +103,7 @@ class Padim(AnomalyModel):
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         acc: GaussianAccumulator | None = None
         for images in progress_bar(batches, desc="padim: collecting features", unit="batch", disable=not progress):
-            embedding = self._embedding(images).flatten(2)
+            embedding = self.embedding_of(images).flatten(2)
             if acc is None:
                 c, n = embedding.shape[1:]
                 big = n * c * c * 8 > _FLOAT64_BUDGET_BYTES
@@ -119,7 +119,7 @@ class Padim(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw score [B] (max of the map) and anomaly map [B, H, W] at the input resolution."""
-        return self.score_embedding(self._embedding(images), tuple(images.shape[-2:]))
+        return self.score_embedding(self.embedding_of(images), self.map_size(images))
 
     @torch.no_grad()
     def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,7 +74,7 @@ class Patchcore(AnomalyModel):
     def _fit_normal(self, batches: Iterator[torch.Tensor], progress: bool) -> None:
         chunks = []
         for images in progress_bar(batches, desc="patchcore: collecting features", unit="batch", disable=not progress):
-            embedding = self._embedding(images)
+            embedding = self.embedding_of(images)
             chunks.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).cpu())
         if not chunks:
             raise FitError("fit received no images: the training data is empty")
@@ -111,7 +111,7 @@ class Patchcore(AnomalyModel):
     @torch.no_grad()
     def raw_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw score [B] (re-weighted worst patch) and anomaly map [B, H, W] (patch distances, upsampled, blurred)."""
-        return self.score_embedding(self._embedding(images), tuple(images.shape[-2:]))
+        return self.score_embedding(self.embedding_of(images), self.map_size(images))
 
     @torch.no_grad()
     def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
