@@ -3,8 +3,9 @@
 Normal clips show figures walking left to right across the synthetic camera's floor (one
 way, at walking pace, legs swinging). Test clips hold one event each: a figure running,
 a figure walking the wrong way, or an unusual object (a cart) crossing. Frame labels mark
-the frames where the event is visible. Scenes are written in the ShanghaiTech layout
-(``training/frames/<clip>/``, ``testing/frames/<clip>/``, ``testing/test_frame_mask/<clip>.npy``).
+the frames where any pixel of the event's figure or cart is in the frame. Scenes are
+written in the ShanghaiTech layout (``training/frames/<clip>/``, ``testing/frames/<clip>/``,
+``testing/test_frame_mask/<clip>.npy``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def _draw_cart(img: np.ndarray, x: float, y: float, size: float) -> None:
         cv2.circle(img, _pt((wx, y - 0.15 * size)), max(2, int(0.18 * size)), (20, 20, 20), -1, cv2.LINE_AA)
 
 
+def _draw_event(img: np.ndarray, event: str | None, special: _Walker, x: float, t: int) -> bool:
+    """Draw the event's figure or cart at ``x`` on ``img``; is any of its pixels in the frame?"""
+    canvas = np.zeros_like(img)
+    for target in (img, canvas):
+        if event == "object":
+            _draw_cart(target, x, special.y, special.height * 2.0)
+        else:
+            _draw_walker(target, _Walker(special.colour, x, special.y, special.speed, 0.0, special.height), t)
+    return bool(canvas.any())
+
+
 def _pt(p: tuple[float, float]) -> tuple[int, int]:
     return round(p[0]), round(p[1])
 
@@ -125,13 +137,9 @@ def render_clip(
             _draw_walker(img, _Walker(wk.colour, x, wk.y, wk.speed, wk.phase, wk.height), t)
         if special is not None and t >= start:
             x = special.x + special.speed * (t - start)
-            margin = special.height
-            if -margin < x < w + margin:
-                labels[t] = True
-                if event == "object":
-                    _draw_cart(img, x, special.y, special.height * 2.0)
-                else:
-                    _draw_walker(img, _Walker(special.colour, x, special.y, special.speed, 0.0, special.height), t)
+            # Labelled where any pixel of it is in the frame (drawn once more on a blank canvas): not
+            # by its centre, which would mark frames where it is still (or already) out of sight.
+            labels[t] = _draw_event(img, event, special, x, t)
         frames.append(img)
     return frames, labels
 

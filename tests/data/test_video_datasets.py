@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oddeye.data import DatasetError, find_video_datasets, is_video_dataset, open_video_dataset
-from oddeye.data.synth_video import SynthVideoSpec, write_video_benchmark
+from oddeye.data.synth_video import SynthVideoSpec, _draw_event, _Walker, write_video_benchmark
 
 SPEC = SynthVideoSpec(width=96, height=72, scenes=1, train_clips=1, test_clips=3, frames=40, walkers=2)
 
@@ -30,6 +30,17 @@ def test_synthetic_scenes_in_shanghaitech_layout(tmp_path: Path) -> None:
         assert frames.shape == (40, 72, 96, 3)
         assert clip.labels is not None and 0 < clip.labels.sum() < 40  # every event is visible, not always
     assert ds.train[0].labels is None
+
+
+def test_synthetic_event_labels_follow_its_pixels_not_its_centre() -> None:
+    """A frame is anomalous when any pixel of the event is in it: not while a walker's centre is merely near."""
+    w, height = 96, 16.0
+    walker = _Walker((40, 80, 200), 0.0, 60.0, -1.0, 0.0, height)
+    img = np.zeros((72, w, 3), np.uint8)
+    assert not _draw_event(img, "wrong_direction", walker, w + 0.6 * height, 0) and not img.any()
+    assert _draw_event(img, "wrong_direction", walker, w + 0.1 * height, 0) and img.any()
+    img[:] = 0  # a cart is wider than the walker's height: it shows while its centre is still outside
+    assert _draw_event(img, "object", walker, -1.5 * height, 0) and img.any()
 
 
 def test_ucsd_layout_labels_from_masks(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_velocity_histogram_puts_motion_in_its_direction_bin(dx: int, dy: int, e
     v = VelocityExtractor(8)(flow, box)
     assert v.shape == (1, 8)
     assert int(v[0].argmax()) == expected_bin
-    assert float(v[0].max()) == pytest.approx(3.0, abs=1.0)  # mean magnitude in that direction
+    assert float(v[0].sum()) == pytest.approx(3.0, abs=1.0)  # the box is the moving square: its speed
 
 
 def test_velocity_of_an_exact_flow_field() -> None:
@@ -106,6 +106,15 @@ def test_velocity_of_an_exact_flow_field() -> None:
     v = VelocityExtractor(4)(flow, torch.tensor([[0.0, 5, 5, 15, 15]]))
     # 4 bins centred on left, up, right, down: rightwards is bin 2
     assert v[0].tolist() == pytest.approx([0, 0, 2.0, 0])
+
+
+def test_velocity_weighs_each_direction_by_its_share_of_the_box() -> None:
+    """The authors' histogram: a few noisy pixels moving left barely count next to a body moving right."""
+    flow = torch.zeros(1, 2, 10, 10)
+    flow[0, 0, :5] = 2.0  # the upper half of the box moves right at 2 px
+    flow[0, 0, 9, 9] = -2.0  # one pixel of noise moves left at 2 px
+    v = VelocityExtractor(4)(flow, torch.tensor([[0.0, 0, 0, 10, 10]]))
+    assert v[0].tolist() == pytest.approx([0.02, 0, 1.0, 0])
 
 
 def test_color_histogram_tells_colours_apart() -> None:
@@ -185,9 +194,11 @@ def test_wrong_motion_and_foreign_objects_score_above_normal(fitted: AiVad) -> N
     s = pred.score.numpy()
     assert pred.anomaly_map is None and len(pred.boxes) == 200
     assert roc_auc_score(y, s) > 0.85
-    for k in ("wrong_motion", "foreign_object"):
+    # Two wrong-motion events of 15 frames here (5x fast, where OpenCV flow underestimates): a loose
+    # bound; benchmarks/ai_vad.py measures it over 3 seeds x 400 frames.
+    for k, least in (("wrong_motion", 0.75), ("foreign_object", 0.9)):
         sel = (kind == k) | ~y
-        assert roc_auc_score(y[sel], s[sel]) > 0.8, k
+        assert roc_auc_score(y[sel], s[sel]) > least, k
     assert np.median(s[~y]) < 0.5
     # the most anomalous region of a flagged anomalous frame is over the anomalous object
     flagged = np.flatnonzero(y & (s > 0.5))

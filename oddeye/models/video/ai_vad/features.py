@@ -1,7 +1,7 @@
 """Per-region attributes: velocity (optical-flow histogram), pose (keypoints) and appearance.
 
-- velocity: the mean flow magnitude in each of ``n_velocity_bins`` direction bins over the
-  region — how fast and which way the object moves;
+- velocity: the flow magnitude in each of ``n_velocity_bins`` direction bins, summed and
+  divided by the region's pixel count — how fast, which way and how much of the object moves;
 - pose: Keypoint R-CNN's 17 body keypoints for the region's box, relative to the box;
 - deep (appearance): an embedding of the region's crop, CLIP's image tower by default or any
   timm backbone; or ``color_histogram``, a weight-free joint RGB histogram of the crop.
@@ -51,9 +51,14 @@ def box_tensor(boxes: list[torch.Tensor]) -> torch.Tensor:
 
 
 class VelocityExtractor(nn.Module):
-    """Mean flow magnitude per direction bin inside each box: [M, n_bins].
+    """Magnitude-weighted histogram of flow directions inside each box, per box pixel: [M, n_bins].
 
-    Bin ``k`` holds directions around ``-pi + 2 pi k / n_bins`` (image coordinates, y down).
+    Bin ``k`` holds directions around ``-pi + 2 pi k / n_bins`` (image coordinates, y down); its
+    value is the sum of the flow magnitudes pointing that way divided by the box's pixel count, as
+    in the authors' code (the box mean of each orientation's magnitude). anomalib divides by the
+    pixels *in the bin* instead, so a bin that a few noisy pixels fall into reads as fast as a
+    whole moving body: the GMM then sees near-empty bins at full speed, or exactly 0, and its
+    likelihood swings by orders of magnitude on flow noise.
     """
 
     def __init__(self, n_bins: int = 8) -> None:
@@ -75,9 +80,7 @@ class VelocityExtractor(nn.Module):
             # Bins centred on the directions (bin 0 = leftwards, n/2 = rightwards), so that motion
             # along an axis does not straddle two bins.
             bins = ((angle + math.pi) / (2 * math.pi) * self.n_bins + 0.5).floor().long() % self.n_bins
-            total = flows.new_zeros(self.n_bins).index_add_(0, bins, magnitude)
-            count = torch.bincount(bins, minlength=self.n_bins).to(flows.dtype)
-            out[m] = total / count.clamp_min(1)
+            out[m] = flows.new_zeros(self.n_bins).index_add_(0, bins, magnitude) / magnitude.numel()
         return out
 
 
