@@ -9,7 +9,8 @@ Timeline (``--quick`` shortens the outages and the overload):
   1. warm-up frames, then a **broker restart** (tansu keeps no data across restarts, so the
      restart comes after everything published so far is committed; what is measured is how
      fast the source reconnects and scores the next frame);
-  2. the main stream at half capacity, with marked frames the model raises on;
+  2. the main stream at half capacity, with marked frames the model raises on; it goes on
+     through steps 3-5, so every fault meets frames in flight;
   3. **SIGKILL** of the whole pipeline (driver and Ray), then a restart;
   4. a **Kafka-sink outage** (its broker stopped, then started again on the same port);
   5. a **camera outage** (RTSP server stopped, then started again on the same port);
@@ -91,9 +92,12 @@ class Publisher:
         self.rng = np.random.default_rng(0)
         self.base = self.rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
 
-    def publish(self, n: int, rate: float) -> None:
+    def publish(self, n: int, rate: float, stop: threading.Event | None = None) -> None:
+        """Publish ``n`` frames at ``rate`` per second (fewer if ``stop`` is set first)."""
         t0 = time.monotonic()
         for k in range(n):
+            if stop is not None and stop.is_set():
+                break
             seq = self.seq
             self.seq += 1
             img = np.roll(self.base, seq % SIZE, axis=1)
@@ -341,7 +345,8 @@ def main() -> None:
         acked_before, marked_before = set(pub.acked), set(pub.marked)
         pub = Publisher(broker.bootstrap, "frames", marked_every=500)
         pub.seq, pub.acked, pub.marked = warm, acked_before, marked_before
-        stream = threading.Thread(target=pub.publish, args=(int(base_rate * 40), base_rate), daemon=True)
+        stream_stop = threading.Event()
+        stream = threading.Thread(target=pub.publish, args=(10**9, base_rate, stream_stop), daemon=True)
         stream.start()
         wait_for(
             "a frame scored after the broker restart",
@@ -370,7 +375,6 @@ def main() -> None:
         time.sleep(outage_s)
         sink_broker = start_broker(sink_port)
         sink_broker.create_topic("oddeye.scores", 1)
-        stream.join()
         # 5. camera outage
         log(f"camera outage {outage_s} s")
         camera.stop()
@@ -387,6 +391,8 @@ def main() -> None:
         )
         results["camera_reconnect_s"] = time.monotonic() - t_cam
         log(f"camera back {results['camera_reconnect_s']:.1f} s after the server")
+        stream_stop.set()
+        stream.join()
         # 6. poison messages
         poison = pub.poison()
         # 7. 2x overload
