@@ -17,6 +17,7 @@ import ray
 
 from oddeye.config import ModelConfig, RayConfig
 from oddeye.frames import Frame
+from oddeye.pipeline.camera_scoring import CameraHeadsWorker
 from oddeye.pipeline.ingest import IngestWorker, TakeResult
 from oddeye.pipeline.scoring import BatchResult, ModelWorker
 
@@ -95,10 +96,35 @@ class ModelActor(ModelWorker):
 
     def score_refs(self, frames: list[Frame], parts: list[tuple[Any, list[int]]], want_maps: str) -> BatchResult:
         """Score frames whose pixels are rows of object-store arrays: ``parts`` = [(ref, rows)]."""
-        arrays = ray.get([ref for ref, _ in parts])
-        images = [a[rows] for a, (_, rows) in zip(arrays, parts, strict=True)]
-        stacked = images[0] if len(images) == 1 else np.concatenate(images)
-        return self.score(frames, stacked, want_maps)
+        return self.score(frames, fetch_images(parts), want_maps)
+
+
+@ray.remote
+class CameraHeadsActor(CameraHeadsWorker):
+    """A ``CameraHeadsWorker`` (model.scope camera): heads from the model directory, the default model's
+    checkpoint (if any) from a ``CheckpointStore``, frames by reference."""
+
+    def __init__(self, store_name: str, namespace: str | None, device: str, num_threads: int | None, **kw: Any) -> None:
+        default = ray.get(ray.get_actor(store_name, namespace=namespace).get.remote())
+        if num_threads is None:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+            num_threads = max(1, round(cpus)) if cpus else 1
+        super().__init__(default_checkpoint=default, device=device, num_threads=num_threads, **kw)
+        self.node_id = _node_id()
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "node_id": self.node_id}
+
+    def score_refs(self, frames: list[Frame], parts: list[tuple[Any, list[int]]], want_maps: str) -> BatchResult:
+        """Score frames whose pixels are rows of object-store arrays: ``parts`` = [(ref, rows)]."""
+        return self.score(frames, fetch_images(parts), want_maps)
+
+
+def fetch_images(parts: list[tuple[Any, list[int]]]) -> np.ndarray:
+    """The rows of object-store arrays a batch names (``parts`` = [(ref, rows)]), stacked in order."""
+    arrays = ray.get([ref for ref, _ in parts])
+    images = [a[rows] for a, (_, rows) in zip(arrays, parts, strict=True)]
+    return images[0] if len(images) == 1 else np.concatenate(images)
 
 
 def ensure_ray(cfg: RayConfig) -> bool:

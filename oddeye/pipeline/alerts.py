@@ -131,6 +131,7 @@ class _CameraState:
         "last_ts",
         "low_run",
         "model",
+        "model_version",
         "peak",
         "run_boxes",
         "run_len",
@@ -163,6 +164,7 @@ class _CameraState:
         self.last_seq = -1
         self.last_seen = 0.0  # the tracker's clock (monotonic) when the camera's last frame came
         self.model = ""
+        self.model_version: int | None = None
 
 
 class AlertTracker:
@@ -238,6 +240,7 @@ class AlertTracker:
             score = 0.0
         ts = float(frame.timestamp)
         state.last_ts, state.last_seq, state.model = ts, frame.seq, frame.model
+        state.model_version = frame.meta.get("model_version")
         state.last_seen = self._clock()
 
         if frame.meta.get("still"):
@@ -377,4 +380,5 @@ class AlertTracker:
             seq=seq,
             boxes=None if state.boxes is None else [list(b) for b in state.boxes],
             start_seq=state.run_start_seq,
+            model_version=state.model_version,
         )

@@ -16,6 +16,8 @@ or another replica's fit) and swaps them in; swaps are logged and counted.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oddeye.config import ConfigError, ModelConfig
+from oddeye.config import ConfigError, ModelConfig, OddeyeConfig
 from oddeye.frames import Frame, Prediction
 from oddeye.models.base import AnomalyModel, CheckpointError, load_model
 from oddeye.models.camera_heads import CameraHeads, LoadedHead
@@ -112,6 +114,7 @@ class CameraHeadsWorker(ModelWorker):
         self._fitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-fit")
         self._missing_until: dict[str, float] = {}
         self._next_refresh = time.monotonic() + model.refresh_s
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         log.info(
             "per-camera %s heads from %s on %s (on_missing: %s)",
             self.name,
@@ -251,6 +254,7 @@ class CameraHeadsWorker(ModelWorker):
             camera_models=status,
             swaps=dict(self.swaps),
             head_bytes=self.heads.head_bytes,
+            worker=self.worker_id,
         )
 
     def _score_default(self, x: torch.Tensor, rows: list[int]) -> tuple[Prediction, list[int]]:
@@ -282,3 +286,26 @@ class CameraHeadsWorker(ModelWorker):
     def close(self) -> None:
         """Stop the background fitter (a fit under way finishes first)."""
         self._fitter.shutdown(wait=True)
+
+
+def open_model_directory(cfg: OddeyeConfig) -> CameraHeads:
+    """Open ``model.directory`` for the config's model, creating it (backbone files) when new.
+
+    The driver calls this before any replica starts, so that replicas never race to create the
+    backbone (with random or freshly downloaded weights, two creations could differ).
+    """
+    m = cfg.model
+    return CameraHeads.open(m.directory, m.name, m.params, m.image_size, "cpu", m.head_dtype)
+
+
+def camera_actor_kwargs(cfg: OddeyeConfig) -> dict[str, Any]:
+    """The ``CameraHeadsWorker`` arguments that come from the config (beside device, threads and maps)."""
+    from oddeye.pipeline.fit import holdout_folds
+
+    return {
+        "model": cfg.model,
+        "fit_max_frames": cfg.fit.max_frames,
+        "fit_stride": cfg.fit.stride,
+        "fit_batch_size": cfg.fit.batch_size,
+        "fit_folds": holdout_folds(cfg),
+    }

@@ -74,6 +74,8 @@ class ResultHandler:
                 out.dead.setdefault(f.meta.get("_source", 0), []).append((f.meta["_token"], res.error, reason))
             return out
         t.actor_result("model", True)
+        if res.camera_models or res.head_bytes is not None:
+            t.camera_models(res.model, res.camera_models, res.swaps, res.head_bytes, res.worker)
         skipped = res.skipped or {}
         for i, reason in skipped.items():
             # Not scored on purpose (a video model's clip still filling): counted, and finished.
@@ -116,6 +118,8 @@ class ResultHandler:
                 boxes=None if res.boxes is None else res.boxes[i],
             )
             sf.meta["_frame"] = f  # for a snapshot's pixels; not part of any wire format
+            if i in res.model_versions:  # scope camera: the head version, carried into alert events
+                sf.meta["model_version"] = res.model_versions[i]
             scored.append(sf)
             if f.camera_id not in self._known:  # every per-camera series exists from the first frame, at 0
                 self._known.add(f.camera_id)

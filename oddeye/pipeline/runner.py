@@ -29,8 +29,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from oddeye.config import KafkaSourceConfig, OddeyeConfig
 from oddeye.frames import Frame
+from oddeye.models.base import CheckpointError
 from oddeye.pipeline.acks import AckTracker
 from oddeye.pipeline.actors import (
+    CameraHeadsActor,
     CheckpointStore,
     IngestActor,
     ModelActor,
@@ -42,6 +44,7 @@ from oddeye.pipeline.actors import (
 from oddeye.pipeline.alerts import AlertPolicy, AlertTracker
 from oddeye.pipeline.batching import Batcher
 from oddeye.pipeline.builders import build_sinks, build_source, camera_label, drop_policy_for
+from oddeye.pipeline.camera_scoring import camera_actor_kwargs, open_model_directory
 from oddeye.pipeline.ingest import IngestStats, TakeResult
 from oddeye.pipeline.results import BatchOutcome, ResultHandler
 from oddeye.pipeline.scoring import BatchResult
@@ -175,12 +178,7 @@ class Pipeline:
             raise PipelineError(str(e)) from None
         if self._handle_signals:
             self._install_signal_handlers()
-        ckpt = Path(cfg.model.checkpoint)
-        if not ckpt.is_file():
-            raise PipelineError(
-                f"no fitted model at model.checkpoint={ckpt}; fit one first with: oddeye fit CONFIG "
-                "(or point model.checkpoint at an existing checkpoint with --set model.checkpoint=PATH)"
-            )
+        checkpoint = self._checkpoint_bytes()
         cluster = ray.cluster_resources()
         cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and cluster.get("GPU", 0) > 0)
         device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if cuda else "cpu")
@@ -193,7 +191,7 @@ class Pipeline:
         # On the driver's node: a holder on a worker node would die with it, and restarted model
         # actors could not fetch their checkpoint.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self._store = CheckpointStore.options(name=store_name, scheduling_strategy=here).remote(ckpt.read_bytes())
+        self._store = CheckpointStore.options(name=store_name, scheduling_strategy=here).remote(checkpoint)
         thresholds = [cfg.alerts.policy_for()["threshold"]] + [
             cfg.alerts.policy_for(c)["threshold"] for c in cfg.alerts.cameras
         ]
@@ -202,20 +200,26 @@ class Pipeline:
         # less the hysteresis, or (threshold: auto) labelled anomalous by the model itself.
         map_threshold = min(numeric) - cfg.alerts.hysteresis if numeric else 2.0
         labels_alert = "auto" in thresholds
+        actor_cls, extra = (
+            (CameraHeadsActor, camera_actor_kwargs(cfg)) if cfg.model.scope == "camera" else (ModelActor, {})
+        )
         self.replicas = [
-            ModelActor.options(**opts).remote(
+            actor_cls.options(**opts).remote(
                 store_name,
                 namespace,
                 device,
                 cfg.model.num_threads,
                 map_threshold=map_threshold,
                 labels_alert=labels_alert,
+                **extra,
             )
             for _ in range(cfg.model.replicas)
         ]
         infos = self._wait_for_replicas(opts, cluster)
         self.model_name = infos[0]["model"]
         self.is_video = bool(infos[0].get("is_video"))
+        # Video models keep a clip buffer per camera, per-camera heads live where they were loaded or fitted.
+        self.routes_by_camera = self.is_video or bool(infos[0].get("routes_by_camera"))
         self.image_size = tuple(infos[0]["image_size"])
         self.summary.placement["model"] = [i.get("node_id") for i in infos]
         log.info(
@@ -278,6 +282,28 @@ class Pipeline:
             self.telemetry.register_camera(s.camera_id, self.model_name)
         if cfg.metrics.enabled:
             self.summary.metrics_port = self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
+
+    def _checkpoint_bytes(self) -> bytes | None:
+        """The fitted model the replicas load: ``model.checkpoint``, or with scope camera the ``model.default``
+        fallback (None without one; the model directory is opened, or created, here before any replica starts)."""
+        m = self.cfg.model
+        if m.scope == "camera":
+            try:
+                open_model_directory(self.cfg)
+            except (CheckpointError, ValueError) as e:
+                raise PipelineError(f"model.directory: {e}") from None
+            if m.on_missing != "default":
+                return None
+            if m.default is None or not Path(m.default).is_file():
+                raise PipelineError(f"no fitted fallback model at model.default={m.default} (on_missing: default)")
+            return Path(m.default).read_bytes()
+        ckpt = Path(m.checkpoint)
+        if not ckpt.is_file():
+            raise PipelineError(
+                f"no fitted model at model.checkpoint={ckpt}; fit one first with: oddeye fit CONFIG "
+                "(or point model.checkpoint at an existing checkpoint with --set model.checkpoint=PATH)"
+            )
+        return ckpt.read_bytes()
 
     def _check_resources(self, opts: dict[str, Any], cluster: dict[str, float]) -> None:
         """Fail at once, naming the resource, when the cluster cannot hold the model actors at all."""
@@ -367,8 +393,8 @@ class Pipeline:
             self._poll_restarts()
             live = [i for i in range(len(self.replicas)) if i not in self._dead_replicas and i not in self._restarting]
             while live and batcher.ready(flush=stopping or self._all_sources_done()):
-                if self.is_video:
-                    # A camera always goes to the same replica: its clip buffer lives there.
+                if self.routes_by_camera:
+                    # A camera always goes to the same replica: its clip buffer or its head lives there.
                     if max(per_replica[i] for i in live) >= b.max_inflight_batches:
                         break
                     groups: dict[int, list[Any]] = {}

@@ -62,6 +62,8 @@ class BatchResult:
     """scope camera: cumulative hot swaps of this replica's heads, by camera (or group)."""
     head_bytes: int | None = None
     """scope camera: bytes of the heads this replica holds in memory."""
+    worker: str = ""
+    """Which replica answered (host:pid), for per-replica gauges such as ``head_bytes``."""
 
 
 def configure_threads(num_threads: int | None) -> int:

@@ -105,6 +105,26 @@ class Telemetry:
         self.actor_failures = Counter(
             f"{p}actor_failures_total", "Ray actor calls that failed (crash, restart)", ["stage"], registry=r
         )
+        # model.scope camera: each camera's own fitted head.
+        self.model_version = Gauge(
+            f"{p}model_version", "Version of the head scoring a camera (0: none yet)", ["camera"], registry=r
+        )
+        self.model_fit_timestamp = Gauge(
+            f"{p}model_fit_timestamp_seconds", "When a camera's head was fitted (epoch seconds)", ["camera"], registry=r
+        )
+        self.fit_progress = Gauge(
+            f"{p}fit_progress",
+            "Share of a new camera's fit frames collected (1: its head scores)",
+            ["camera"],
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            f"{p}model_swaps_total", "Heads hot-swapped to a newer version", ["camera"], registry=r
+        )
+        self.head_bytes = Gauge(
+            f"{p}model_head_bytes", "Bytes of per-camera heads loaded in the model actors", ["model"], registry=r
+        )
+        self._head_bytes: dict[str, int] = {}
         # The driver process: CPU, memory, file descriptors, GC, Python version.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -137,6 +157,25 @@ class Telemetry:
         if delta > 0:
             child.inc(delta)
             self._seen[key] = total
+
+    def camera_models(
+        self,
+        model: str,
+        status: Mapping[str, Mapping[str, float]],
+        swaps: Mapping[str, int],
+        head_bytes: int | None,
+        worker: str,
+    ) -> None:
+        """scope camera: per-camera head version, fit time and fit progress, swaps, and head memory by worker."""
+        for camera, s in status.items():
+            self.model_version.labels(camera).set(s.get("version", 0))
+            self.model_fit_timestamp.labels(camera).set(s.get("fitted_at", 0))
+            self.fit_progress.labels(camera).set(s.get("fit_progress", 0))
+        for key, total in swaps.items():
+            self.add_cumulative(self.model_swaps, (key,), total)
+        if head_bytes is not None:
+            self._head_bytes[worker] = head_bytes
+            self.head_bytes.labels(model).set(sum(self._head_bytes.values()))
 
     def add_dropped(self, camera: str, by_reason: Mapping[str, int]) -> None:
         for reason in DROP_REASONS:
