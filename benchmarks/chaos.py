@@ -49,10 +49,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from oddeye.frames import Frame, encode_jpeg  # noqa: E402
+from oddeye.frames import (  # noqa: E402
+    Frame,
+    encode_frame,
+    encode_jpeg,
+)
 from oddeye.models.image.null import add_fail_marker  # noqa: E402
 from oddeye.models.registry import create_model  # noqa: E402
-from oddeye.sources.kafka import encode_frame  # noqa: E402
 from tests.servers.kafka import free_port, start_broker  # noqa: E402
 from tests.servers.rtsp import start_rtsp_server  # noqa: E402
 

@@ -30,8 +30,7 @@ def publish(bootstrap: str, topic: str, n: int, width: int, height: int) -> floa
     """Publish ``n`` synthetic JPEG frames over 2 cameras (one per partition); returns mean value size."""
     from kafka import KafkaProducer
 
-    from oddeye.frames import Frame
-    from oddeye.sources.kafka import encode_frame
+    from oddeye.frames import Frame, encode_frame
     from oddeye.sources.synthetic import SyntheticCamera
 
     cam = SyntheticCamera(width=width, height=height, num_frames=n)

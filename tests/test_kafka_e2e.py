@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oddeye.frames import Frame
-from oddeye.sources.kafka import encode_frame
+from oddeye.frames import Frame, encode_frame
 from tests.conftest import tiny_config
 from tests.servers.kafka import committed_offsets, read_topic
 

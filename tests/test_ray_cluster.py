@@ -153,10 +153,7 @@ def _publish(bootstrap: str, topic: str, live: threading.Event, stop: threading.
     try:
         from kafka import KafkaProducer
 
-        try:
-            from oddeye.frames import encode_frame
-        except ImportError:
-            from oddeye.sources.kafka import encode_frame
+        from oddeye.frames import encode_frame
         from oddeye.sources.synthetic import SyntheticCamera
 
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)

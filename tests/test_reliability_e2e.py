@@ -23,10 +23,9 @@ import pytest
 import torch
 import yaml
 
-from oddeye.frames import Frame, encode_jpeg
+from oddeye.frames import Frame, encode_frame, encode_jpeg
 from oddeye.models.image.null import add_fail_marker
 from oddeye.models.registry import create_model
-from oddeye.sources.kafka import encode_frame
 from tests.servers.kafka import committed_offsets, free_port, read_topic, start_broker
 
 pytestmark = pytest.mark.slow

@@ -70,9 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
     from tqdm import tqdm
 
-    from oddeye.frames import DecodeError
+    from oddeye.frames import DecodeError, encode_frame
     from oddeye.sources.base import SourceError
-    from oddeye.sources.kafka import encode_frame
 
     if not getattr(args, "verbose", False):
         logging.getLogger("kafka").setLevel(logging.ERROR)  # its retries are summarised by our own messages

@@ -2,8 +2,8 @@
 
 Wire format (one message per frame): value = JPEG or PNG bytes; key = camera_id; headers
 ``camera_id``, ``ts`` (capture time, epoch ms), ``seq``, ``content-type``. The helpers
-``encode_frame`` and ``frame_from_record`` are the one implementation of it; the
-publisher (``oddeye publish``) uses them too.
+``encode_frame`` and ``frame_from_record`` (in ``oddeye.frames``, re-exported here) are the one
+implementation of it; the publisher (``oddeye publish``) uses them too.
 
 Fallbacks for messages from other producers (documented in ``frame_from_record``):
 camera_id from the header, else the key; a missing ``seq`` is the message's offset; a
@@ -31,150 +31,25 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from oddeye.frames import Frame, encode_jpeg
+from oddeye.frames import (  # the wire format lives beside the other formats; re-exported here
+    CONTENT_TYPES,
+    Frame,
+    encode_frame,
+    frame_from_record,
+    sniff_content_type,
+)
 from oddeye.sources.base import Source, SourceError
 
 __all__ = ["CONTENT_TYPES", "KafkaSource", "encode_frame", "frame_from_record", "sniff_content_type"]
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {"image/jpeg": "image/jpeg", "image/jpg": "image/jpeg", "image/png": "image/png"}
-UNKNOWN_CAMERA = "unknown"
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _SECRET_KEY = re.compile(r"password|secret|token|key|username|sasl_oauth|credential", re.IGNORECASE)
 _COMMIT_INTERVAL_S = 0.5
 _HEALTH_INTERVAL_S = 3.0
 _BOOTSTRAP_TIMEOUT_MS = 5_000
 _DLQ_TIMEOUT_S = 30.0
-
-
-# ----------------------------------------------------------------------------- wire format
-
-
-def sniff_content_type(data: bytes | bytearray | memoryview) -> str | None:
-    """``image/jpeg`` or ``image/png`` from the magic bytes, else None."""
-    head = bytes(data[:8])
-    if head[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if head == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    return None
-
-
-def encode_frame(frame: Frame, quality: int = 90) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    """A frame as a message: ``(key, value, headers)``.
-
-    Arrays are encoded as JPEG; JPEG/PNG bytes pass through unchanged (other encoded bytes,
-    e.g. BMP, are decoded and re-encoded as JPEG).
-    """
-    image = frame.image
-    if isinstance(image, np.ndarray):
-        value, ctype = encode_jpeg(image, quality), "image/jpeg"
-    else:
-        value = bytes(image)
-        ctype = sniff_content_type(value)
-        if ctype is None:
-            from oddeye.frames import decode_image
-
-            value, ctype = encode_jpeg(decode_image(value), quality), "image/jpeg"
-    key = frame.camera_id.encode()
-    headers = [
-        ("camera_id", key),
-        ("ts", str(round(frame.timestamp * 1000)).encode()),
-        ("seq", str(int(frame.seq)).encode()),
-        ("content-type", ctype.encode()),
-    ]
-    return key, value, headers
-
-
-def _header_map(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
-    """Headers as a dict (the first of duplicated names wins); None values are dropped."""
-    out: dict[str, bytes] = {}
-    for name, value in headers or ():
-        if value is not None and name not in out:
-            out[name] = bytes(value)
-    return out
-
-
-def _text(value: bytes | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        text = value.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-    return text or None
-
-
-def frame_from_record(record: Any, max_message_bytes: int = 20_000_000) -> Frame:
-    """A ``Frame`` from a consumer record (``topic, partition, offset, key, value, headers, timestamp``).
-
-    Never raises: a message that cannot be scored comes back with ``meta["error"]`` (what is
-    wrong) and ``meta["error_reason"]`` (a short label: ``missing_camera_id``, ``bad_header``,
-    ``content_type``, ``empty``, ``oversized``). ``meta["_kafka_key"]`` and
-    ``meta["_kafka_headers"]`` keep the original key and headers for the dead-letter topic.
-
-    - camera_id: the ``camera_id`` header, else the key (UTF-8); neither is an error.
-    - seq: the ``seq`` header; missing → the message offset (unique and increasing within
-      a partition, and producers key by camera so a camera stays in one partition); present
-      but not an integer → error (a producer bug must not silently reorder a camera).
-    - ts: the ``ts`` header (epoch ms); missing → the message timestamp; garbled → error.
-    - content-type: JPEG or PNG (``image/jpg`` accepted, parameters after ``;`` ignored);
-      missing → accepted, the decoder decides; anything else → error.
-    - value: empty (or a tombstone) → error; larger than ``max_message_bytes`` → error, and
-      the payload is not kept (the dead letter carries the headers and the size only).
-    """
-    headers = list(record.headers or ())
-    hmap = _header_map(headers)
-    value = record.value
-    origin = {"topic": record.topic, "partition": int(record.partition), "offset": int(record.offset)}
-    meta: dict[str, Any] = {"_kafka_key": record.key, "_kafka_headers": headers}
-    errors: list[tuple[str, str]] = []
-
-    camera_id = _text(hmap.get("camera_id")) or _text(record.key)
-    if camera_id is None:
-        errors.append(("missing_camera_id", "no camera_id header and no message key"))
-
-    seq = int(record.offset)
-    if "seq" in hmap:
-        try:
-            seq = int(_text(hmap["seq"]) or "")
-        except ValueError:
-            errors.append(("bad_header", f"seq header {hmap['seq'][:32]!r} is not an integer"))
-
-    ts_ms = getattr(record, "timestamp", None)
-    if "ts" in hmap:
-        try:
-            ts_ms = float(_text(hmap["ts"]) or "")
-            if not np.isfinite(ts_ms):
-                raise ValueError
-        except ValueError:
-            errors.append(("bad_header", f"ts header {hmap['ts'][:32]!r} is not epoch milliseconds"))
-            ts_ms = None
-    timestamp = float(ts_ms) / 1000.0 if ts_ms is not None and ts_ms >= 0 else time.time()
-
-    ctype_raw = hmap.get("content-type")
-    if ctype_raw is not None:
-        ctype = (_text(ctype_raw) or "").split(";")[0].strip().lower()
-        if ctype not in CONTENT_TYPES:
-            errors.append(("content_type", f"unsupported content-type {ctype_raw[:64]!r} (JPEG or PNG only)"))
-
-    image: bytes = b""
-    if value is None or len(value) == 0:
-        errors.append(("empty", "message has no value"))
-    elif len(value) > max_message_bytes:
-        errors.append(("oversized", f"value of {len(value)} bytes exceeds max_message_bytes={max_message_bytes}"))
-        meta["value_bytes"] = len(value)
-    else:
-        image = bytes(value)
-
-    if errors:
-        meta["error"] = "; ".join(text for _, text in errors)
-        meta["error_reason"] = errors[0][0]
-    return Frame(camera_id=camera_id or UNKNOWN_CAMERA, seq=seq, timestamp=timestamp, image=image,
-                 origin=origin, meta=meta)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- offset tracking
