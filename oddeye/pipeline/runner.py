@@ -399,7 +399,7 @@ class Pipeline:
                         break
                     groups: dict[int, list[Any]] = {}
                     for item in batcher.pop():
-                        home = live[zlib.crc32(item[0].camera_id.encode()) % len(live)]
+                        home = live[zlib.crc32(self._route_key(item[0].camera_id).encode()) % len(live)]
                         groups.setdefault(home, []).append(item)
                 else:
                     replica = min(live, key=per_replica.__getitem__)
@@ -481,6 +481,15 @@ class Pipeline:
         for f, chunk, row in items:
             f.meta["_chunk"] = (chunk, row)
         return _Inflight(ref, replica, frames, parts)
+
+    def _route_key(self, camera_id: str) -> str:
+        """What pins a camera to a replica: the camera, or with scope camera its head (a group's cameras together)."""
+        if self.cfg.model.scope != "camera":
+            return camera_id
+        try:
+            return self.cfg.model.head_key(camera_id)
+        except ValueError:  # a camera in two groups: its replica reports its frames skipped
+            return camera_id
 
     def _all_sources_done(self) -> bool:
         return all(s.done for s in self.sources)

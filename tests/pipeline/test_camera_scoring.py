@@ -18,7 +18,9 @@ from oddeye.models.camera_heads import CameraHeads
 from oddeye.models.registry import create_model
 from oddeye.pipeline.camera_scoring import CameraHeadsWorker
 from oddeye.pipeline.fit import fit_camera_heads
+from oddeye.pipeline.scoring import BatchResult
 from oddeye.sources.synthetic import SyntheticCamera
+from tests.pipeline.test_results import Recorder, frames, handler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -188,3 +190,27 @@ def test_refitting_a_camera_with_no_frames_keeps_its_head(directory: CameraHeads
     fitted = fit_camera_heads(cfg, ["cam-a"], progress=False)
     assert list(fitted) == ["cam-a"] and fitted["cam-a"].version == 2  # a new version; cam-b untouched
     assert directory.versions("cam-a") == [1, 2] and directory.versions("cam-b") == [1]
+
+
+def test_alert_events_carry_the_head_version_and_metrics_follow_the_heads() -> None:
+    sink = Recorder()
+    results = handler([sink])
+    batch = frames(4)
+    res = BatchResult(
+        np.array([0.1, 0.9, 0.9, 0.9], np.float32),
+        None,
+        None,
+        0.01,
+        "padim",
+        model_versions={0: 3, 1: 3, 2: 3, 3: 3},
+        camera_models={"cam": {"version": 3, "fitted_at": 1234.0, "fit_progress": 1.0}},
+        swaps={"cam": 2},
+        head_bytes=4096,
+        worker="w1",
+    )
+    results.handle(batch, res)
+    assert sink.alerts and all(a.model_version == 3 for a in sink.alerts)
+    assert sink.alerts[0].record()["model_version"] == 3
+    t = results.telemetry
+    assert t.model_version.labels("cam")._value.get() == 3 and t.model_fit_timestamp.labels("cam")._value.get() == 1234
+    assert t.model_swaps.labels("cam")._value.get() == 2 and t.head_bytes.labels("padim")._value.get() == 4096
