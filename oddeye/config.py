@@ -67,6 +67,10 @@ class _SourceBase(_Section):
     max_pixels: int | None = Field(50_000_000, ge=1)
     """Largest frame accepted, in pixels (width × height), checked from the PNG/JPEG header before
     decoding; larger frames are dead letters. None accepts any size the decoder can hold."""
+    decode_workers: int | None = Field(None, ge=1, le=64)
+    """Threads decoding this source's frames (order kept): more than one lets one busy source (a
+    Kafka topic, a folder of JPEGs) use several cores. Default: 2 for Kafka and image folders, whose
+    frames arrive encoded, else 1."""
 
 
 class SyntheticSourceConfig(_SourceBase):

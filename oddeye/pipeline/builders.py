@@ -16,7 +16,10 @@ from oddeye.config import (
 from oddeye.sinks.base import Sink
 from oddeye.sources.base import Source
 
-_SOURCE_ONLY = {"type", "drop_policy", "queue_size", "replicas", "resources", "max_cameras", "max_pixels", "allow_skip"}
+_SOURCE_ONLY = {
+    "type", "drop_policy", "queue_size", "replicas", "resources", "max_cameras", "max_pixels", "allow_skip",
+    "decode_workers",
+}  # fmt: skip
 """Fields the pipeline applies around a source (ingest actor, placement, decode limits), not source arguments."""
 
 
@@ -72,6 +75,13 @@ def drop_policy_for(cfg: SourceConfig) -> str:
         return cfg.drop_policy
     live = isinstance(cfg, RtspSourceConfig) or getattr(cfg, "realtime", False)
     return "drop_oldest" if live else "block"
+
+
+def decode_workers_for(cfg: SourceConfig) -> int:
+    """Decode threads for a source's ingest actor: 2 where frames arrive encoded (Kafka, image folders)."""
+    if cfg.decode_workers is not None:
+        return cfg.decode_workers
+    return 2 if isinstance(cfg, (KafkaSourceConfig, ImagesSourceConfig)) else 1
 
 
 def build_sinks(cfgs: list[Any], out_dir: Path) -> tuple[list[Sink], Any]:

@@ -7,15 +7,21 @@ full the drop policy decides: ``block`` (files, topics: back-pressure, nothing l
 ``drop_oldest`` (live cameras: keep the newest, never build up latency) or
 ``drop_newest``. Every frame that does not reach the model is counted with its reason,
 and frames that cannot be decoded go to the dead-letter path with their error.
+
+With ``decode_workers`` > 1 the reader thread hands decoding to a small thread pool (OpenCV
+releases the GIL while it decodes) and a second thread queues the results in the source's order,
+so one busy source (a Kafka topic, a folder) can use more than one core.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +112,7 @@ class IngestWorker:
         max_cameras: int | None = None,
         camera_idle_s: float = 3600.0,
         ack_dropped: bool = True,
+        decode_workers: int = 1,
     ) -> None:
         """``ack_dropped``: frames dropped by the policy are acknowledged (skipped for good); a
         Kafka source only allows that with ``allow_skip``. ``max_cameras`` caps the distinct camera
@@ -114,6 +121,9 @@ class IngestWorker:
         """
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy {drop_policy!r}; allowed: {', '.join(DROP_POLICIES)}")
+        if decode_workers < 1:
+            raise ValueError(f"decode_workers must be ≥ 1, got {decode_workers}")
+        self.decode_workers = int(decode_workers)
         self.max_pixels = max_pixels
         self.max_cameras = max_cameras
         self.camera_idle_s = camera_idle_s
@@ -178,23 +188,64 @@ class IngestWorker:
     def _read_loop(self) -> None:
         assert self.source is not None
         self.stats.source_up = True
+        pool: ThreadPoolExecutor | None = None
+        pending: queue.Queue[tuple[Frame, Any, Future] | None] | None = None
+        finisher: threading.Thread | None = None
+        if self.decode_workers > 1:
+            pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix=f"decode-{self.stats.camera_id}")
+            pending = queue.Queue(maxsize=2 * self.decode_workers)  # bounds the frames being decoded
+            finisher = threading.Thread(target=self._finish_loop, args=(pending,), daemon=True)
+            finisher.start()
         try:
             for frame in self.source:
                 if self._stop.is_set():
                     break
                 frame.meta.setdefault("t_ingest", time.time())
-                self._handle(frame)
+                if pool is None or pending is None:
+                    self._handle(frame)
+                elif self._admit(frame):
+                    original = frame.image
+                    pending.put((frame, original, pool.submit(self._decode, frame)))
                 self._sync_source_skips()
         except Exception as e:
             self._error = f"{type(e).__name__}: {e}"
             log.error("source %s failed: %s", self.stats.camera_id, self._error)
         finally:
+            if pending is not None and finisher is not None and pool is not None:
+                pending.put(None)  # the finisher queues what is decoded so far, in order, then ends
+                finisher.join()
+                pool.shutdown(wait=True)
             self.stats.source_up = False
             with self._cond:
                 self._finished = True
                 self._cond.notify_all()
 
+    def _finish_loop(self, pending: queue.Queue[tuple[Frame, Any, Future] | None]) -> None:
+        """Second thread with ``decode_workers`` > 1: queue decoded frames in the order they were read."""
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            frame, original, future = item
+            self._enqueue(frame, original, future.exception())
+
+    def _decode(self, frame: Frame) -> None:
+        prepare_frame(frame, self.image_size, self.max_pixels)
+
     def _handle(self, frame: Frame) -> None:
+        """Admit, decode and queue one frame on the reader thread (``decode_workers`` = 1)."""
+        if not self._admit(frame):
+            return
+        original = frame.image
+        error: BaseException | None = None
+        try:
+            self._decode(frame)
+        except Exception as e:
+            error = e
+        self._enqueue(frame, original, error)
+
+    def _admit(self, frame: Frame) -> bool:
+        """Give the frame its token; False (and a dead letter) for an invalid frame or one camera too many."""
         self.stats.ingested += 1
         with self._cond:
             frame.meta["_token"] = self._next_token
@@ -203,7 +254,7 @@ class IngestWorker:
             self._push_dead(
                 DeadLetter(frame, str(frame.meta["error"]), reason=frame.meta.get("error_reason", "invalid"))
             )
-            return
+            return False
         if not self._admit_camera(frame):
             self._push_dead(
                 DeadLetter(
@@ -212,14 +263,15 @@ class IngestWorker:
                     reason="too_many_cameras",
                 )
             )
-            return
-        original = frame.image
-        try:
-            prepare_frame(frame, self.image_size, self.max_pixels)
-        except Exception as e:  # any decoder failure (cv2.error, a bomb, garbage) is a dead letter
+            return False
+        return True
+
+    def _enqueue(self, frame: Frame, original: Any, error: BaseException | None) -> None:
+        """Queue a decoded frame (drop policy applies), or dead-letter it with its decoder error."""
+        if error is not None:  # any decoder failure (cv2.error, a bomb, garbage) is a dead letter
             frame.image = original
             self.stats.decode_errors += 1
-            msg = str(e) if isinstance(e, (DecodeError, ValueError)) else f"{type(e).__name__}: {e}"
+            msg = str(error) if isinstance(error, (DecodeError, ValueError)) else f"{type(error).__name__}: {error}"
             self._push_dead(DeadLetter(frame, msg))
             return
         if isinstance(original, (bytes, bytearray, memoryview)):

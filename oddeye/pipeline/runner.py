@@ -43,7 +43,7 @@ from oddeye.pipeline.actors import (
 )
 from oddeye.pipeline.alerts import AlertPolicy, AlertTracker
 from oddeye.pipeline.batching import Batcher
-from oddeye.pipeline.builders import build_sinks, build_source, camera_label, drop_policy_for
+from oddeye.pipeline.builders import build_sinks, build_source, camera_label, decode_workers_for, drop_policy_for
 from oddeye.pipeline.camera_scoring import camera_actor_kwargs, open_model_directory
 from oddeye.pipeline.ingest import IngestStats, TakeResult
 from oddeye.pipeline.results import BatchOutcome, ResultHandler
@@ -249,6 +249,7 @@ class Pipeline:
                     ack_dropped=lossy_ok,
                 )
                 self.sources.append(_Source(len(self.sources), cam, actor, config_index=i))
+                    decode_workers=decode_workers_for(scfg),
         try:
             started = ray.get([s.actor.start.remote() for s in self.sources], timeout=cfg.model.start_timeout_s)
         except ray.exceptions.GetTimeoutError:

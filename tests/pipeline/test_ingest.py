@@ -52,9 +52,11 @@ def _drain(w: IngestWorker, max_n: int = 4, limit_s: float = 10.0) -> tuple[list
     raise AssertionError("ingest did not finish")
 
 
-def test_decodes_resizes_and_dead_letters_corrupt_frames() -> None:
+@pytest.mark.parametrize("decode_workers", [1, 3])
+def test_decodes_resizes_and_dead_letters_corrupt_frames(decode_workers: int) -> None:
+    """With a decode pool too, frames come out in the source's order and every bad one is a dead letter."""
     src = ListSource(_jpeg_frames(20, corrupt={3, 11}))
-    w = IngestWorker(lambda: src, "cam", (32, 48), "block", queue_size=4)
+    w = IngestWorker(lambda: src, "cam", (32, 48), "block", queue_size=4, decode_workers=decode_workers)
     assert w.start() == {"ok": True, "error": None}
     frames, dead, _last = _drain(w)
     assert [f.seq for f in frames] == [i for i in range(20) if i not in (3, 11)]
@@ -92,9 +94,10 @@ def test_drop_newest_keeps_oldest() -> None:
     assert last.stats.dropped == {"queue_full": 8}
 
 
-def test_stop_counts_queued_frames_as_shutdown() -> None:
+@pytest.mark.parametrize("decode_workers", [1, 3])
+def test_stop_counts_queued_frames_as_shutdown(decode_workers: int) -> None:
     src = ListSource(_jpeg_frames(10))
-    w = IngestWorker(lambda: src, "cam", (32, 32), "block", queue_size=3)
+    w = IngestWorker(lambda: src, "cam", (32, 32), "block", queue_size=3, decode_workers=decode_workers)
     w.start()
     time.sleep(0.3)
     got = w.take(1, 1.0).frames
