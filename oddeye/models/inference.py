@@ -11,14 +11,19 @@ It applies, where each one wins (measured in ``benchmarks/models_speed.py``):
   Gaussians, memory-bank distances and PCA stay in full precision. On by default on CUDA
   and on CPUs with native bf16 (AMX or AVX-512 BF16); off on other CPUs, where bf16 is
   emulated and slower;
+- batch norms folded into the convolutions before them (an inference copy of a frozen timm
+  backbone, checked against the original on a probe batch; the backbone itself and the
+  checkpoint keep the batch norms). Removes a memory-bound pass per convolution;
 - ``torch.compile`` of the backbone, off by default (it costs a long warm-up per input
   shape and did not win on the CPU; see ``benchmarks/RESULTS.md``).
 
-Nothing here changes the checkpoint: the settings live on the module instance only.
+Nothing here changes the checkpoint: the settings (and the folded copy, which holds a second
+set of backbone weights) live on the module instance only.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Callable
@@ -33,6 +38,7 @@ __all__ = [
     "InferenceSettings",
     "backbone_modules",
     "cpu_has_native_bf16",
+    "fold_batch_norms",
     "inference_settings",
     "prepare_for_inference",
 ]
@@ -44,6 +50,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU flags of native bf16 arithmetic: without them bf16 is emulated and slower than float32.
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 _SETTINGS_ATTR = "_oddeye_inference"
+# A folded copy is kept only if it matches the original backbone this closely on the probe batch.
+_FOLD_TOLERANCE = 1e-3
 
 
 class InferenceSettings(dict):
@@ -75,6 +83,96 @@ def backbone_modules(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, kinds) and not any(module in set(f.modules()) for f in found):
             found.append(module)
     return found
+
+
+def _conv_bn_pairs(net: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, batch norm) module names where the batch norm's input is exactly the conv's output
+    and that output feeds no other module, found by a dry run on ``probe``."""
+    names = {module: name for name, module in net.named_modules()}
+    produced: dict[int, str] = {}  # id of a Conv2d output -> conv name
+    consumers: dict[int, list[str]] = {}  # id of a module input -> module names
+    keep: list[torch.Tensor] = []  # every tensor seen stays alive, so ids stay unique during the run
+    handles = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                consumers.setdefault(id(arg), []).append(names[module])
+                keep.append(arg)
+        if isinstance(module, nn.Conv2d) and isinstance(out, torch.Tensor):
+            produced[id(out)] = names[module]
+            keep.append(out)
+
+    for module in names:
+        if (module is not net and not list(module.children())) or isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(net.named_modules())
+    pairs = []
+    for tensor_id, conv in produced.items():
+        users = consumers.get(tensor_id, [])
+        if len(users) == 1 and isinstance(modules[users[0]], nn.BatchNorm2d):
+            bn = modules[users[0]]
+            if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+                pairs.append((conv, users[0]))
+    return pairs
+
+
+def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)
+
+
+def _bn_tail(bn: nn.BatchNorm2d) -> nn.Module:
+    """What is left of a batch norm once its affine transform is folded away: timm's
+    ``BatchNormAct2d`` keeps its dropout and activation, a plain one becomes the identity."""
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    parts = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    return nn.Sequential(*parts) if parts else nn.Identity()
+
+
+@torch.no_grad()
+def fold_batch_norms(net: nn.Module, probe: torch.Tensor) -> nn.Module | None:
+    """An eval-mode copy of ``net`` with every batch norm that only reads a convolution's output
+    folded into that convolution's weights and bias (its activation, if any, kept).
+
+    Pairs are found by a dry run on ``probe``; the copy is returned only if its outputs match
+    ``net``'s on ``probe`` (relative error below 1e-3), else None, as when nothing folds.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net.eval()
+    pairs = _conv_bn_pairs(net, probe)
+    if not pairs:
+        return None
+    folded = copy.deepcopy(net).eval()
+    for conv_name, bn_name in pairs:
+        conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+        fused = fuse_conv_bn_eval(conv, bn)
+        if conv.weight.ndim == 4 and conv.weight.is_contiguous(memory_format=torch.channels_last):
+            fused.weight.data = fused.weight.data.contiguous(memory_format=torch.channels_last)
+        _set_submodule(folded, conv_name, fused)
+        _set_submodule(folded, bn_name, _bn_tail(bn))
+    folded.requires_grad_(False)
+    expected, got = net(probe), folded(probe)
+    for a, b in zip(_flat(expected), _flat(got), strict=True):
+        if a.shape != b.shape or float((a - b).abs().max()) > _FOLD_TOLERANCE * max(float(a.abs().max()), 1.0):
+            log.warning("batch-norm folding changed the backbone's output; keeping the unfolded backbone")
+            return None
+    return folded
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for item in out for t in _flat(item)]
 
 
 def _has_conv2d(model: nn.Module) -> bool:
@@ -138,13 +236,15 @@ def prepare_for_inference(
     channels_last: bool | str = "auto",
     precision: str = "auto",
     compile: bool = False,
+    fold_bn: bool = True,
 ) -> nn.Module:
     """Move ``model`` to ``device``, put it in eval mode and apply the speed-ups that win there.
 
     ``channels_last``: ``"auto"`` (on for models with 2-D convolutions), True or False.
     ``precision``: ``"auto"`` (bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else
     float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (CUDA only); it applies to the
-    backbone only. ``compile``: ``torch.compile`` the backbone. Returns the same module,
+    backbone only. ``compile``: ``torch.compile`` the backbone. ``fold_bn``: run frozen timm
+    backbones through a copy with batch norms folded into the convolutions. Returns the same module,
     prepared in place; calling it again re-applies the new settings. Scores stay within
     bf16 rounding of float32 (benchmarks/RESULTS.md checks image AUROC moves < 0.005).
     """
@@ -158,8 +258,15 @@ def prepare_for_inference(
     if use_cl:
         model.to(memory_format=torch.channels_last)
     backbones = backbone_modules(model)
+    folded = 0
     for module in backbones:
         module.__dict__.pop("forward", None)  # undo an earlier preparation
+        if hasattr(module, "set_inference_net"):
+            module.set_inference_net(None)
+            if fold_bn and not module.requires_grad:
+                net = _folded_backbone(module, dev, use_cl)
+                module.set_inference_net(net)
+                folded += net is not None
         if dtype is not None or use_cl or compile:
             _wrap_forward(module, dtype, use_cl, compile)
     settings = InferenceSettings(
@@ -167,11 +274,25 @@ def prepare_for_inference(
         channels_last=use_cl,
         precision=str(dtype).removeprefix("torch.") if dtype is not None else "float32",
         compile=bool(compile),
+        folded_batch_norms=folded,
         backbones=[type(m).__name__ for m in backbones],
     )
     object.__setattr__(model, _SETTINGS_ATTR, settings)
     log.info("inference settings for %s: %s", getattr(model, "name", type(model).__name__), dict(settings))
     return model
+
+
+def _folded_backbone(module: nn.Module, device: torch.device, channels_last: bool) -> nn.Module | None:
+    """The batch-norm-folded copy of a ``TimmFeatureExtractor``'s network, checked on a small probe."""
+    net: nn.Module = module.feature_extractor  # type: ignore[assignment]
+    probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        probe = probe.contiguous(memory_format=torch.channels_last)
+    try:
+        return fold_batch_norms(net, probe)
+    except Exception as e:  # an unusual backbone: folding is an optimisation, never a failure
+        log.warning("batch-norm folding skipped for %s: %s", type(net).__name__, e)
+        return None
 
 
 def inference_settings(model: nn.Module) -> InferenceSettings | None:

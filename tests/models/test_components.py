@@ -220,3 +220,45 @@ def test_blur_channels_are_independent() -> None:
     y = GaussianBlur2d(sigma=1.5, channels=2)(x)
     assert float(y[0, 1].abs().max()) == 0.0
     assert float(y[0, 0].sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mahalanobis_in_blocks_matches_one_block() -> None:
+    gen = torch.Generator().manual_seed(0)
+    c, n, b = 6, 50, 4
+    a = torch.randn(n, c, c, generator=gen)
+    inv = a @ a.transpose(1, 2) + torch.eye(c)
+    mean, x = torch.randn(c, n, generator=gen), torch.randn(b, c, n, generator=gen)
+    whole = mahalanobis(x, mean, inv, chunk_size=b * c * n)
+    for chunk in (1, b * c * 7, b * c * 13 + 5):  # one position, blocks that divide n and that do not
+        torch.testing.assert_close(mahalanobis(x, mean, inv, chunk_size=chunk), whole)
+    gaussian = MultiVariateGaussian().fit(x)
+    before = gaussian(x)
+    gaussian.load_state_dict({**gaussian.state_dict(), "mean": gaussian.mean + 1})  # in place: same tensor
+    assert not torch.allclose(gaussian(x), before)  # the cached transposed mean follows the new values
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 40, 70), (2, 3, 20, 24)])
+def test_blur_matmul_path_matches_the_convolutions(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    import oddeye.models.components.blur as blur_module
+
+    blur, x = GaussianBlur2d(sigma=4, channels=shape[1]), torch.rand(shape)
+    fast = blur(x)
+    monkeypatch.setattr(blur_module, "MATMUL_MAX_SIZE", 0)
+    torch.testing.assert_close(fast, blur(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("backbone", "indices"), [("efficientnet_lite0", (1, 3)), ("mobilenetv3_small_100", (2,))])
+def test_features_only_stops_after_the_deepest_stage(backbone: str, indices: tuple[int, ...]) -> None:
+    from oddeye.models.components.feature_extractor import run_features_only
+
+    net = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices).eval()
+    x = torch.rand(1, 3, 64, 64)
+    calls: list[int] = []
+    for i, block in enumerate(net.blocks):
+        block.register_forward_hook(lambda *_, i=i: calls.append(i))
+    with torch.no_grad():
+        expected = net(x)
+        calls.clear()
+        got = run_features_only(net, x)
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert max(calls) + 1 == max(net._stage_out_idx) < len(net.blocks)

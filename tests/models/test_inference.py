@@ -86,3 +86,37 @@ def test_bad_settings_name_the_allowed_values(fitted: Padim) -> None:
         prepare_for_inference(fitted, "cpu", precision="float16")
     with pytest.raises(ValueError, match="channels_last must be 'auto', True or False"):
         prepare_for_inference(fitted, "cpu", channels_last="yes")
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_folded_batch_norms_give_the_same_features(backbone: str) -> None:
+    from oddeye.models.components import TimmFeatureExtractor
+    from oddeye.models.inference import fold_batch_norms
+
+    layer = "layer2" if backbone == "resnet18" else "blocks.2"
+    extractor = TimmFeatureExtractor(backbone, [layer], pre_trained=False)
+    net = extractor.feature_extractor
+    gen = torch.Generator().manual_seed(0)
+    for module in net.modules():  # non-trivial statistics, or folding would be the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1, generator=gen)
+            module.running_var.uniform_(0.5, 2, generator=gen)
+    folded = fold_batch_norms(net, torch.rand(2, 3, 64, 64))
+    assert folded is not None
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    images = torch.rand(2, 3, 96, 80)
+    reference = extractor(images)
+    extractor.set_inference_net(folded)
+    for name, value in extractor(images).items():
+        torch.testing.assert_close(value, reference[name], atol=1e-4, rtol=1e-4)
+    assert set(extractor.state_dict()) == set(net.state_dict(prefix="feature_extractor."))
+
+
+def test_prepare_folds_batch_norms_unless_asked_not_to(fitted: Padim) -> None:
+    prepared = prepare_for_inference(copy.deepcopy(fitted), "cpu", precision="float32")
+    assert inference_settings(prepared)["folded_batch_norms"] == 1
+    assert prepared.feature_extractor.__dict__["_inference_net"] is not None
+    prepare_for_inference(prepared, "cpu", precision="float32", fold_bn=False)
+    assert inference_settings(prepared)["folded_batch_norms"] == 0
+    assert prepared.feature_extractor.__dict__["_inference_net"] is None

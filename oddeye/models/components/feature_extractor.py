@@ -24,7 +24,7 @@ from torch import nn
 
 from oddeye.models.components import offline_weights
 
-__all__ = ["TimmFeatureExtractor", "WeightsUnavailableError", "read_state_dict"]
+__all__ = ["TimmFeatureExtractor", "WeightsUnavailableError", "read_state_dict", "run_features_only"]
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,50 @@ class TimmFeatureExtractor(nn.Module):
             self.feature_extractor.eval()
         return self
 
+    def set_inference_net(self, net: nn.Module | None) -> None:
+        """Use ``net`` (an equivalent copy of the backbone, e.g. with batch norms folded) whenever no
+        gradients are needed; None goes back to the backbone itself. The copy is not a submodule:
+        checkpoints, ``state_dict`` and ``.to()`` see only the backbone."""
+        self.__dict__["_inference_net"] = net
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = (images.to(self.mean.dtype) - self.mean) / self.std
-        with torch.set_grad_enabled(self.requires_grad and torch.is_grad_enabled()):
-            features = self.feature_extractor(images)
+        grad = self.requires_grad and torch.is_grad_enabled()
+        net = self.__dict__.get("_inference_net")
+        if net is None or grad or (self.training and self.requires_grad):
+            net = self.feature_extractor
+        with torch.set_grad_enabled(grad):
+            features = run_features_only(net, images)
         by_name = dict(zip(self._sorted_layers, features, strict=True))
         return {layer: by_name[layer] for layer in self.layers}
+
+
+def run_features_only(net: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """A timm ``features_only`` network's outputs, without running blocks past the deepest requested stage.
+
+    timm's EfficientNet/MobileNetV3 feature networks run every block whatever ``out_indices``
+    asks for (its ResNet-style ``FeatureListNet`` already stops early); for those two classes
+    this is their own forward with the same modules, up to the last block whose output is returned.
+    """
+    from timm.models.efficientnet import EfficientNetFeatures
+    from timm.models.mobilenetv3 import MobileNetV3Features
+
+    if (
+        type(net) not in (EfficientNetFeatures, MobileNetV3Features)
+        or net.feature_hooks is not None
+        or net.grad_checkpointing
+    ):
+        return net(images)
+    stages: dict[int, int] = net._stage_out_idx
+    x = net.bn1(net.conv_stem(images))
+    if isinstance(net, MobileNetV3Features):
+        x = net.act1(x)
+    features = [x] if 0 in stages else []
+    for i, block in enumerate(net.blocks[: max(stages)]):
+        x = block(x)
+        if i + 1 in stages:
+            features.append(x)
+    return features
 
 
 def _resolve_layers(backbone: str, layers: Sequence[str]) -> list[int]:

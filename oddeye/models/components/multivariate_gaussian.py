@@ -12,7 +12,7 @@ import torch
 
 from oddeye.models.components.buffers import DynamicBufferMixin
 
-__all__ = ["GaussianAccumulator", "MultiVariateGaussian", "mahalanobis"]
+__all__ = ["MAHALANOBIS_CHUNK", "GaussianAccumulator", "MultiVariateGaussian", "mahalanobis"]
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 COVARIANCE_EPS = 0.01
 # Patch positions inverted at once (bounds the float64 working memory of the inverse).
 _INV_CHUNK = 1024
+# Elements of one block of deltas in ``mahalanobis`` (2^20 floats: 4 MiB): bounds its temporaries.
+MAHALANOBIS_CHUNK = 1 << 20
 
 
 class GaussianAccumulator:
@@ -112,18 +114,41 @@ class MultiVariateGaussian(DynamicBufferMixin):
         """Mahalanobis distance [B, N] of embeddings [B, C, N] to the fitted Gaussians."""
         if not self.fitted:
             raise RuntimeError("MultiVariateGaussian is not fitted")
-        return mahalanobis(embedding, self.mean, self.inv_covariance)
+        cached = self.__dict__.get("_mean_t")
+        if cached is None or cached[0] is not self.mean or cached[1] != self.mean._version:  # refitted/loaded/moved
+            cached = (self.mean, self.mean._version, self.mean.T.contiguous())
+            self.__dict__["_mean_t"] = cached
+        return mahalanobis(embedding, self.mean, self.inv_covariance, mean_t=cached[2])
 
 
-def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
+def mahalanobis(
+    embedding: torch.Tensor,
+    mean: torch.Tensor,
+    inv_covariance: torch.Tensor,
+    chunk_size: int = MAHALANOBIS_CHUNK,
+    mean_t: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Distance [B, N] of embeddings [B, C, N] to Gaussians (mean [C, N], inverse covariance [N, C, C]).
 
-    Works position by position with a batched matmul: the largest temporary is [N, B, C],
-    the size of the embedding itself.
+    Works on blocks of positions with a batched matmul: each block's [n, B, C] deltas (about
+    ``chunk_size`` elements) are gathered, multiplied and reduced before the next, so the
+    temporaries stay bounded whatever the image size. ``mean_t`` is ``mean.T`` made
+    contiguous, when the caller keeps one.
     """
     if embedding.ndim != 3 or embedding.shape[1:] != mean.shape:
         raise ValueError(f"embedding {tuple(embedding.shape)} does not match the Gaussian's mean {tuple(mean.shape)}")
-    # contiguous: a batched matmul on the permuted view is two orders of magnitude slower on CPU
-    delta = (embedding.to(mean.dtype) - mean).permute(2, 0, 1).contiguous()  # [N, B, C]
-    d2 = (torch.bmm(delta, inv_covariance) * delta).sum(dim=2)  # [N, B]
-    return d2.clamp_min(0).sqrt().T.contiguous()
+    b, c, n = embedding.shape
+    if mean_t is None:
+        mean_t = mean.T.contiguous()  # [N, C]
+    x = embedding.to(mean.dtype).permute(2, 0, 1)  # [N, B, C] view (contiguous rows for channels_last maps)
+    out = torch.empty(n, b, dtype=mean.dtype, device=mean.device)
+    step = max(1, chunk_size // max(b * c, 1))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        # contiguous deltas: a batched matmul on a permuted view is two orders of magnitude slower on CPU
+        delta = torch.sub(x[start:stop], mean_t[start:stop].unsqueeze(1))
+        if not delta.is_contiguous():
+            delta = delta.contiguous()
+        projected = torch.bmm(delta, inv_covariance[start:stop])  # [n, B, C]
+        out[start:stop] = projected.mul_(delta).sum(dim=2)
+    return out.clamp_min_(0).sqrt_().T.contiguous()

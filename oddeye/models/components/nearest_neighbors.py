@@ -78,13 +78,14 @@ def knn(
     for qs in range(0, n_queries, query_block):
         q = queries[qs : qs + query_block]
         qc = q - centre
-        q_sq = qc.pow(2).sum(dim=1)
         best_d: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         for bs in range(0, n_bank, bank_block):
             block = whole if whole is not None else bank[bs : bs + bank_block] - centre
             block_sq = whole_sq if whole_sq is not None else block.pow(2).sum(dim=1)
-            d2 = squared_distances(qc, block, q_sq, block_sq)
+            # |q|² is the same for every bank row: rank by |b|² - 2 q·b (one pass over the block, no
+            # clamp); the winners' distances are recomputed exactly below.
+            d2 = torch.addmm(block_sq.unsqueeze(0), qc, block.T, beta=1, alpha=-2)
             if k == 1:
                 d, i = d2.min(dim=1, keepdim=True)
             else:
