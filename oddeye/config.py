@@ -279,6 +279,9 @@ class ModelConfig(_Section):
     """Constructor parameters, with anomalib's names (``backbone``, ``layers``, ``n_features`` ...)."""
     checkpoint: str = "oddeye-out/model.pt"
     device: str = "auto"
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    """``onnxruntime``: CPU model actors export the checkpoint to ONNX on load and score with ONNX Runtime
+    (image models, scope pipeline; needs the ``export`` extra). Falls back to torch where it cannot run."""
     image_size: tuple[int, int] = (256, 256)
     replicas: int = Field(1, ge=1, le=64)
     num_threads: int | None = Field(None, ge=1)

@@ -201,7 +201,9 @@ class Pipeline:
         map_threshold = min(numeric) - cfg.alerts.hysteresis if numeric else 2.0
         labels_alert = "auto" in thresholds
         actor_cls, extra = (
-            (CameraHeadsActor, camera_actor_kwargs(cfg)) if cfg.model.scope == "camera" else (ModelActor, {})
+            (CameraHeadsActor, camera_actor_kwargs(cfg))
+            if cfg.model.scope == "camera"
+            else (ModelActor, {"backend": cfg.model.backend, "batch_size": cfg.batching.max_batch_size})
         )
         self.replicas = [
             actor_cls.options(**opts).remote(

@@ -91,8 +91,13 @@ class ModelWorker:
         num_threads: int | None = None,
         map_threshold: float = 0.0,
         labels_alert: bool = False,
+        backend: str = "torch",
+        batch_size: int = 8,
     ) -> None:
         """``checkpoint`` is a path or the checkpoint's bytes (how the driver ships it to any node).
+
+        ``backend``: ``torch``, or ``onnxruntime`` (CPU; image models): the checkpoint is exported to
+        ONNX on load and scored by ONNX Runtime in graphs of ``batch_size`` frames; torch if that fails.
 
         ``map_threshold``: anomaly maps go back only for frames scoring at or above it (the lowest
         alert threshold: frames that can open or update an alert), unless a call asks for all;
@@ -111,10 +116,30 @@ class ModelWorker:
         except Exception as e:  # a speed-up must never stop scoring
             log.warning("model %s: inference speed-ups not applied (%s); scoring as loaded", self.model.name, e)
             self.inference = {}
+        self.scorer: Any = self.model
+        if backend == "onnxruntime":
+            self.scorer = self._onnxruntime(batch_size)
+        elif backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         self.name = self.model.name
         self.image_size = self.model.image_size
         self.clips = ClipBuffers(self.model.clip_length) if self.model.is_video else None
         log.info("model %s loaded on %s", self.name, self.device)
+
+    def _onnxruntime(self, batch_size: int) -> Any:
+        """The ONNX Runtime scorer of the loaded model, or the torch model (with a warning) where it cannot run."""
+        if self.device.type != "cpu":
+            log.warning("model %s: the onnxruntime backend runs on the CPU only; scoring with torch", self.model.name)
+            return self.model
+        try:
+            from oddeye.models.onnx_backend import OnnxRuntimeModel
+
+            scorer = OnnxRuntimeModel(self.model, batch_size=batch_size, num_threads=self.num_threads)
+        except Exception as e:  # a missing package, an unexportable model: torch still scores
+            log.warning("model %s: onnxruntime backend unavailable (%s); scoring with torch", self.model.name, e)
+            return self.model
+        self.inference = {**self.inference, "backend": "onnxruntime", "backend_batch_size": batch_size}
+        return scorer
 
     def info(self) -> dict[str, Any]:
         return {
@@ -173,7 +198,7 @@ class ModelWorker:
                 return BatchResult(
                     np.full(len(frames), np.nan, np.float32), None, None, 0.0, self.name, None, skipped, resets
                 )
-            pred = self.model(inputs)
+            pred = self.scorer(inputs)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             got = pred.score.float().cpu().numpy()
