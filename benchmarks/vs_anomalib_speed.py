@@ -1,18 +1,22 @@
-"""oddeye vs anomalib 2.7.0, side by side in one run: images/s, image AUROC and PatchCore fit seconds.
+"""oddeye vs anomalib 2.7.0, side by side in one run: images/s, image AUROC and fit seconds.
 
     bash benchmarks/anomalib_env.sh          # once: anomalib in .venv-anomalib (torch pinned to oddeye's)
     python benchmarks/vs_anomalib_speed.py [--models padim,patchcore,dfm,dfkde] [--category brick]
-        [--train 80] [--batch 32] [--rounds 3] [--json R.json]
+        [--train 80] [--batch 32] [--repeats 5] [--batches 2] [--json R.json]
 
 Both systems get the same EfficientNet-Lite0 ImageNet weights (oddeye's offline copy,
 saved once and loaded into anomalib's timm backbone built with ``pre_trained=False``),
 the same layers and parameters as ``configs/bench/*.yaml``, the same 256² images of one
 ``oddeye data synth`` category (rendered in memory), batch 32, the same machine and the
-same torch threads. anomalib runs in ``.venv-anomalib`` as a subprocess of this script
-(``--side anomalib``), one model at a time, alternating with oddeye so that a noisy
-machine hurts both alike. images/s is the full forward of a batch (anomalib: its torch
-model in eval mode, after the ImageNet normalisation its pre-processor would apply;
-oddeye: ``model(images)`` after ``prepare_for_inference``, normalisation included).
+same torch threads. Each side runs in its own process (anomalib in ``.venv-anomalib``),
+one model at a time: oddeye fits and scores the test images, then anomalib does, and both
+processes stay alive. The timed passes then alternate, oddeye, anomalib, oddeye, ...
+(``--repeats`` each), so a noisy machine hurts both alike; the table gives each side's
+median images/s with the min–max of its repeats, and the median of the per-pair ratios.
+A timed pass is ``--batches`` full batches (the test images, cycled), after one warm-up
+batch. images/s is the full forward of a batch (anomalib: its torch model in eval mode,
+after the ImageNet normalisation its pre-processor would apply; oddeye: ``model(images)``
+after ``prepare_for_inference``, normalisation included).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ PARAMS: dict[str, dict[str, Any]] = {
 }
 BACKBONE = "efficientnet_lite0"
 HEADER = (
-    "| model | oddeye img/s | anomalib img/s | ratio | oddeye AUROC | anomalib AUROC | oddeye fit s | anomalib fit s |"
+    "| model | oddeye img/s | anomalib img/s | ratio (median of pairs) "
+    "| oddeye AUROC | anomalib AUROC | oddeye fit s | anomalib fit s |"
 )
 
 
@@ -51,24 +56,35 @@ def auroc(normal: list[float], anomalous: list[float]) -> float:
     return float(((a > n) + 0.5 * (a == n)).mean())
 
 
-def _time_forward(forward: Any, images: Any, batch: int, rounds: int) -> float:
-    """Best images/s over ``rounds`` passes of the test images in batches (one warm-up batch first)."""
+def _timed_batches(images: Any, batch: int, batches: int) -> list[Any]:
+    """``batches`` full batches of ``batch`` images, cycling through ``images``."""
     import torch
 
-    forward(images[:batch])
-    best = 0.0
-    for _ in range(rounds):
-        start, n = time.perf_counter(), 0
-        for i in range(0, images.shape[0], batch):
-            forward(images[i : i + batch])
-            n += images[i : i + batch].shape[0]
-        best = max(best, n / (time.perf_counter() - start))
-    del torch
-    return best
+    reps = -(-batch * batches // images.shape[0])
+    tiled = torch.cat([images] * reps)[: batch * batches]
+    return [b.contiguous() for b in tiled.split(batch)]
+
+
+def _serve(forward: Any, images: Any, batch: int, batches: int, result: dict[str, Any]) -> None:
+    """Print ``result`` (one JSON line), then answer each ``time`` line on stdin with one timed pass.
+
+    A pass is ``batches`` full batches; the reply is ``{"images_per_s": ...}``. Ends on ``quit`` or EOF.
+    """
+    timed = _timed_batches(images, batch, batches)
+    forward(timed[0])  # warm-up
+    print(json.dumps(result), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "time":
+            break
+        start = time.perf_counter()
+        for b in timed:
+            forward(b)
+        elapsed = time.perf_counter() - start
+        print(json.dumps({"images_per_s": batch * batches / elapsed}), flush=True)
 
 
 # ----------------------------------------------------------------------------- anomalib side (in its venv)
-def run_anomalib(name: str, data_path: str, weights_path: str, batch: int, rounds: int) -> dict[str, Any]:
+def run_anomalib(name: str, data_path: str, weights_path: str, batch: int, batches: int) -> None:
     import numpy as np
     import torch
 
@@ -112,6 +128,8 @@ def run_anomalib(name: str, data_path: str, weights_path: str, batch: int, round
             feature_scaling_method=FeatureScalingMethod(p["feature_scaling_method"]),
         )
     state = torch.load(weights_path, weights_only=True)
+    if name == "padim":  # oddeye's random channel subset, so both fit the same Gaussians
+        model.idx = state.pop("_padim_idx").to(model.idx)
     missing, _unexpected = model.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
     if missing:
         raise RuntimeError(f"anomalib {name}: backbone weights missing {missing[:5]}")
@@ -140,16 +158,12 @@ def run_anomalib(name: str, data_path: str, weights_path: str, batch: int, round
     scores = np.concatenate(
         [forward(test[i : i + batch]).pred_score.flatten().numpy() for i in range(0, len(test), batch)]
     )
-    ips = _time_forward(forward, test, batch, rounds)
-    return {
-        "fit_s": fit_s,
-        "images_per_s": ips,
-        "image_auroc": auroc(scores[labels == 0].tolist(), scores[labels == 1].tolist()),
-    }
+    result = {"fit_s": fit_s, "image_auroc": auroc(scores[labels == 0].tolist(), scores[labels == 1].tolist())}
+    _serve(forward, test, batch, batches, result)
 
 
 # ----------------------------------------------------------------------------- oddeye side
-def run_oddeye(name: str, data_path: str, batch: int, rounds: int) -> dict[str, Any]:
+def run_oddeye(name: str, data_path: str, batch: int, batches: int) -> None:
     import numpy as np
     import torch
 
@@ -168,13 +182,12 @@ def run_oddeye(name: str, data_path: str, batch: int, rounds: int) -> dict[str, 
     model.fitted = True
     prepare_for_inference(model, "cpu")
     scores = torch.cat([model.raw_forward(b)[0] for b in test.split(batch)]).numpy()
-    ips = _time_forward(lambda x: model(x), test, batch, rounds)
-    return {
+    result = {
         "fit_s": fit_s,
-        "images_per_s": ips,
         "image_auroc": auroc(scores[labels == 0].tolist(), scores[labels == 1].tolist()),
         "settings": dict(inference_settings(model) or {}),
     }
+    _serve(model, test, batch, batches, result)
 
 
 def make_data(category: str, n_train: int, path: Path) -> None:
@@ -190,13 +203,91 @@ def make_data(category: str, n_train: int, path: Path) -> None:
 
 
 def save_backbone(name: str, path: Path) -> None:
-    """oddeye's offline EfficientNet-Lite0 weights for this model's layers, as a timm features_only state_dict."""
+    """oddeye's offline EfficientNet-Lite0 weights for this model's layers, as a timm features_only state_dict
+    (plus PaDiM's channel subset)."""
     import torch
 
     from oddeye.models.base import create_model
 
     model = create_model(name, backbone=BACKBONE, weights=f"offline:{BACKBONE}", **PARAMS[name])
-    torch.save(model.feature_extractor.feature_extractor.state_dict(), path)
+    state = model.feature_extractor.feature_extractor.state_dict()
+    if name == "padim":
+        state["_padim_idx"] = model.idx  # oddeye's seeded channel subset, for anomalib's PaDiM too
+    torch.save(state, path)
+
+
+class _Worker:
+    """One side's benchmark process: fits and scores on start, then one timed pass per ``time()``."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        # stderr to a file: a pipe nobody reads fills up with warnings and stalls the worker
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=ROOT
+        )
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.proc.wait()
+        self.log.seek(0)
+        err = self.log.read().strip()
+        raise RuntimeError(err.splitlines()[-1] if err else f"exit {self.proc.returncode}")
+
+    def ready(self) -> dict[str, Any]:
+        return self._reply()
+
+    def time(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("time\n")
+        self.proc.stdin.flush()
+        return float(self._reply()["images_per_s"])
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _spread(values: list[float]) -> str:
+    import statistics
+
+    return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
+def _bench_model(name: str, args: argparse.Namespace, data: Path, weights: Path) -> dict[str, Any]:
+    """Fit both sides (oddeye first), then alternate ``args.repeats`` timed passes."""
+    import statistics
+
+    common = [f"--model={name}", f"--data={data}", f"--batch={args.batch}", f"--batches={args.batches}"]
+    common += [f"--threads={args.threads}", f"--weights={weights}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    row: dict[str, Any] = {"model": name}
+    workers: dict[str, _Worker] = {}
+    try:
+        for side, python in (("oddeye", sys.executable), ("anomalib", str(ANOMALIB_PYTHON))):
+            workers[side] = _Worker([python, __file__, f"--side={side}", *common], env)
+            row[side] = workers[side].ready()
+            print(f"{name} {side}: {row[side]}", file=sys.stderr, flush=True)
+        for _ in range(args.repeats):
+            for side, worker in workers.items():
+                row[side].setdefault("repeats", []).append(worker.time())
+        o, a = row["oddeye"]["repeats"], row["anomalib"]["repeats"]
+        row["ratio"] = statistics.median(x / y for x, y in zip(o, a, strict=True))
+        print(f"{name}: oddeye {_spread(o)}, anomalib {_spread(a)} img/s", file=sys.stderr, flush=True)
+    except RuntimeError as e:
+        row["error"] = str(e)
+        print(f"{name} failed: {e}", file=sys.stderr, flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return row
 
 
 def main() -> int:
@@ -205,7 +296,8 @@ def main() -> int:
     ap.add_argument("--category", default="brick")
     ap.add_argument("--train", type=int, default=80, help="normal training images (data synth's default)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="timed passes over the test images (best counts)")
+    ap.add_argument("--batches", type=int, default=2, help="full batches per timed pass")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per side, alternating oddeye/anomalib")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--side", choices=["anomalib", "oddeye"], help=argparse.SUPPRESS)
@@ -218,10 +310,10 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.side == "anomalib":
-        print(json.dumps(run_anomalib(args.model, args.data, args.weights, args.batch, args.rounds)))
+        run_anomalib(args.model, args.data, args.weights, args.batch, args.batches)
         return 0
     if args.side == "oddeye":
-        print(json.dumps(run_oddeye(args.model, args.data, args.batch, args.rounds)))
+        run_oddeye(args.model, args.data, args.batch, args.batches)
         return 0
     if not ANOMALIB_PYTHON.is_file():
         print(f"{ANOMALIB_PYTHON} is missing: run `bash benchmarks/anomalib_env.sh` first", file=sys.stderr)
@@ -233,32 +325,22 @@ def main() -> int:
         for name in args.models.split(","):
             weights = Path(tmp) / f"{name}.pt"
             save_backbone(name, weights)
-            row: dict[str, Any] = {"model": name}
-            common = [f"--model={name}", f"--data={data}", f"--batch={args.batch}", f"--rounds={args.rounds}"]
-            common.append(f"--threads={args.threads}")
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-            for side, python in (("oddeye", sys.executable), ("anomalib", str(ANOMALIB_PYTHON))):
-                cmd = [python, __file__, f"--side={side}", *common, f"--weights={weights}"]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-                if done.returncode != 0:
-                    print(f"{name} on {side} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
-                    row[side] = {"error": done.stderr.strip().splitlines()[-1:]}
-                    continue
-                row[side] = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"{name} {side}: {row[side]}", file=sys.stderr, flush=True)
-            rows.append(row)
-    print(f"# oddeye vs anomalib 2.7.0, {args.category}, 256², batch {args.batch}, torch {torch.__version__}")
+            rows.append(_bench_model(name, args, data, weights))
+    print(
+        f"# oddeye vs anomalib 2.7.0, {args.category}, {args.train} train images, 256², batch {args.batch}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; img/s: median (min–max) of "
+        f"{args.repeats} alternating passes of {args.batches} batches"
+    )
     print(HEADER)
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        o, a = row.get("oddeye", {}), row.get("anomalib", {})
-        if "error" in o or "error" in a:
-            print(f"| {row['model']} | failed: {o.get('error') or a.get('error')} |")
+        if "error" in row:
+            print(f"| {row['model']} | failed: {row['error']} |")
             continue
+        o, a = row["oddeye"], row["anomalib"]
         print(
-            f"| {row['model']} | {o['images_per_s']:.1f} | {a['images_per_s']:.1f} | "
-            f"{o['images_per_s'] / a['images_per_s']:.2f}× | {o['image_auroc']:.3f} | {a['image_auroc']:.3f} | "
-            f"{o['fit_s']:.1f} | {a['fit_s']:.1f} |"
+            f"| {row['model']} | {_spread(o['repeats'])} | {_spread(a['repeats'])} | {row['ratio']:.2f}× | "
+            f"{o['image_auroc']:.3f} | {a['image_auroc']:.3f} | {o['fit_s']:.1f} | {a['fit_s']:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
