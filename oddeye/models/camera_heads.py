@@ -19,6 +19,7 @@ when loaded. Loaded heads live in a memory-bounded LRU (``max_head_bytes``), loa
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -220,10 +221,10 @@ class CameraHeads:
 
     # ------------------------------------------------------------------ heads
     def new_head(self) -> AnomalyModel:
-        """An unfitted head: a model of the template's class whose backbone module *is* the template's."""
-        head = _build(self.name, self.template.config)
-        setattr(head, self._backbone_attr, self.template.backbone_module())
-        return head.to(self.device).eval()
+        """An unfitted head: a copy of the (never fitted) template whose backbone module *is* the template's."""
+        backbone = self.template.backbone_module()
+        head = copy.deepcopy(self.template, {id(backbone): backbone})
+        return head.eval()
 
     def fit_head(self, batches: Iterable[Any], folds: int = 5, progress: bool = False) -> AnomalyModel:
         """Fit a new head on normal image batches (see ``AnomalyModel.fit``) with one backbone pass; not yet saved."""
