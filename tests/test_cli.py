@@ -45,13 +45,13 @@ def test_models_lists_name_kind_line_without_importing_torch(tmp_path: Path) -> 
 
 
 def test_models_static_listing_matches_the_registry() -> None:
-    from oddeye.cli import _registry_models, builtin_models
+    from oddeye.commands.models import _registry_models, builtin_models
 
     assert builtin_models() == _registry_models()
 
 
 def test_out_placeholder_puts_the_ai_vad_demo_checkpoint_under_out() -> None:
-    from oddeye.cli import resolve_out
+    from oddeye.commands._config import resolve_out
     from oddeye.config import load_config
 
     cfg = load_config(REPO / "configs" / "ai_vad_demo.yaml")
