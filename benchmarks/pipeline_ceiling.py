@@ -8,6 +8,7 @@ model results per frame (pixels travel by object-store reference and must not ap
 driver CPU µs per frame.
 
     python benchmarks/pipeline_ceiling.py [--frames 400] [--cameras 1 4 16] [--size 256] [--busy N]
+                                          [--decode-workers 1 2]
 
 ``--busy N`` adds N single-threaded CPU-bound processes beside the run (a busy camera server):
 the pipeline's frames/s should fall no further than the CPU share it loses, N/(N + cores).
@@ -74,14 +75,22 @@ def make_frames(folder: Path, n: int, size: int) -> list[str]:
     return paths
 
 
-def run_pipeline(folder: Path, checkpoint: Path, cameras: int, size: int, batch: int) -> dict[str, float]:
+def run_pipeline(
+    folder: Path, checkpoint: Path, cameras: int, size: int, batch: int, decode_workers: int | None = None
+) -> dict[str, float]:
     from oddeye.config import parse_config
     from oddeye.pipeline import runner as runner_mod
     from oddeye.pipeline.runner import Pipeline
 
     raw = {
         "sources": [
-            {"type": "images", "path": str(folder), "camera_id": f"cam-{i:02d}", "queue_size": 2 * batch}
+            {
+                "type": "images",
+                "path": str(folder),
+                "camera_id": f"cam-{i:02d}",
+                "queue_size": 2 * batch,
+                "decode_workers": decode_workers,
+            }
             for i in range(cameras)
         ],
         "model": {"name": "null", "image_size": [size, size], "device": "cpu", "checkpoint": str(checkpoint)},
@@ -121,6 +130,21 @@ def run_pipeline(folder: Path, checkpoint: Path, cameras: int, size: int, batch:
     }
 
 
+def _measure(args: argparse.Namespace, tmp: Path, ckpt: Path, cams: int, workers: int | None) -> dict[str, float]:
+    import ray
+
+    hogs = [mp.get_context("spawn").Process(target=_spin, args=(time.time() + 3600,)) for _ in range(args.busy)]
+    for h in hogs:
+        h.start()
+    try:
+        return run_pipeline(tmp / "frames", ckpt, cams, args.size, args.batch, workers)
+    finally:
+        for h in hogs:
+            h.kill()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=400, help="JPEG files (each camera reads all of them)")
@@ -128,9 +152,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--busy", type=int, default=0, help="CPU-bound competing processes during the pipeline runs")
+    ap.add_argument(
+        "--decode-workers", type=int, nargs="+", default=[0], help="decode threads per source to compare (0: default)"
+    )
     args = ap.parse_args()
 
-    import ray
     import torch
 
     from oddeye.models.registry import create_model
@@ -144,30 +170,22 @@ def main() -> None:
     rows = []
     for cams in args.cameras:
         limit = decode_limit(paths, cams)
-        hogs = [mp.get_context("spawn").Process(target=_spin, args=(time.time() + 3600,)) for _ in range(args.busy)]
-        for h in hogs:
-            h.start()
-        try:
-            res = run_pipeline(tmp / "frames", ckpt, cams, args.size, args.batch)
-        finally:
-            for h in hogs:
-                h.kill()
-        if ray.is_initialized():
-            ray.shutdown()
-        rows.append((cams, limit, res))
+        for workers in args.decode_workers:
+            rows.append((cams, workers, limit, _measure(args, tmp, ckpt, cams, workers or None)))
 
     busy = f" · {args.busy} competing CPU-bound process(es)" if args.busy else ""
     print(
         f"machine: {platform.node()} · {os.cpu_count()} CPU · torch {torch.__version__} · {args.size}² JPEG q90{busy}"
     )
     print(
-        "| cameras | frames | decode-only limit (fps) | pipeline, null model (fps) | ratio | driver bytes/frame "
-        "| driver CPU µs/frame |"
+        "| cameras | decode threads per source | frames | decode-only limit (fps) | pipeline, null model (fps) "
+        "| ratio | driver bytes/frame | driver CPU µs/frame |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for cams, limit, r in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for cams, workers, limit, r in rows:
         print(
-            f"| {cams} | {r['scored']} | {limit:.0f} | {r['fps']:.0f} | {r['fps'] / limit:.2f} | "
+            f"| {cams} | {workers or 'default (2)'} | {r['scored']} | {limit:.0f} | {r['fps']:.0f} "
+            f"| {r['fps'] / limit:.2f} | "
             f"{r['bytes_per_frame']:.0f} | {r['driver_us_per_frame']:.0f} |"
         )
 
