@@ -249,9 +249,9 @@ class Pipeline:
                     max_pixels=getattr(scfg, "max_pixels", None),
                     max_cameras=getattr(scfg, "max_cameras", None),
                     ack_dropped=lossy_ok,
+                    decode_workers=decode_workers_for(scfg),
                 )
                 self.sources.append(_Source(len(self.sources), cam, actor, config_index=i))
-                    decode_workers=decode_workers_for(scfg),
         try:
             started = ray.get([s.actor.start.remote() for s in self.sources], timeout=cfg.model.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
