@@ -267,7 +267,13 @@ def _bench_model(name: str, args: argparse.Namespace, data: Path, weights: Path)
 
     common = [f"--model={name}", f"--data={data}", f"--batch={args.batch}", f"--batches={args.batches}"]
     common += [f"--threads={args.threads}", f"--weights={weights}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # A fixed malloc mmap threshold on both sides: with glibc's adaptive one, anomalib's k-center greedy
+    # (a fresh [N, D] temporary per step) grew to 20 GB on the dev VM and was OOM-killed mid-fit.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
+    }
     row: dict[str, Any] = {"model": name}
     workers: dict[str, _Worker] = {}
     try:
