@@ -78,7 +78,13 @@ def test_two_interleaved_cameras_alert_with_a_box_on_the_anomalous_object(ray_lo
         metas = [truth.render(q)[1] for q in range(start, a["seq"] + 1)]
         assert {m["kind"] for m in metas} == {kind}
         bx = max(a["boxes"], key=lambda b: b[4])
-        assert any(
-            bx[0] < x2 and bx[2] > x1 and bx[1] < y2 and bx[3] > y1 for x1, y1, x2, y2 in (m["box"] for m in metas)
-        ), (kind, bx, [m["box"] for m in metas])
+        # A clip's regions come from the motion between its frames, so the event's box one frame
+        # either side counts too (the wrong-motion figure moves 7 px a frame at this size).
+        near = [truth.render(q)[1] for q in range(start - 1, a["seq"] + 2)]
+        boxes = [m["box"] for m in near if m.get("box") is not None]
+        assert any(bx[0] < x2 and bx[2] > x1 and bx[1] < y2 and bx[3] > y1 for x1, y1, x2, y2 in boxes), (
+            kind,
+            bx,
+            boxes,
+        )
         assert Path(a["snapshot"]).is_file()
