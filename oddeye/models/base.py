@@ -287,6 +287,12 @@ class AnomalyModel(nn.Module):
         finally:
             self.embedded_inputs = False
 
+    def copy_sharing_backbone(self) -> AnomalyModel:
+        """A deep copy whose frozen backbone module (``backbone_module``) *is* this model's, not a copy of it:
+        for fold fits and per-camera heads, which only fit their own head on the same features."""
+        shared = self.backbone_module()
+        return copy.deepcopy(self, {} if shared is None else {id(shared): shared})
+
     def head_state(self) -> dict[str, torch.Tensor]:
         """The fitted state without the shared backbone's weights (what a per-camera head checkpoint holds)."""
         shared = self.backbone_module()
@@ -331,9 +337,7 @@ class AnomalyModel(nn.Module):
             )
         template = None
         if val_loader is None and type(self).heldout_scores is AnomalyModel.heldout_scores:
-            # The unfitted model, copied for the fold fits; a frozen backbone is shared, not copied.
-            shared = self.backbone_module()
-            template = copy.deepcopy(self, {} if shared is None else {id(shared): shared})
+            template = self.copy_sharing_backbone()  # the unfitted model, copied for the fold fits
         seen = _CheckedBatches(train_loader, self._check_input)
         self._fit_normal(seen, progress)
         if seen.count == 0:
@@ -380,8 +384,7 @@ class AnomalyModel(nn.Module):
         picked = [int(f) for f in torch.linspace(0, k - 1, min(k, limit)).round().long().unique()]
         scores, peaks = [], []
         for fold in progress_bar(picked, desc=f"{self.name}: held-out folds", unit="fold", disable=not progress):
-            shared = template.backbone_module()
-            model = copy.deepcopy(template, {} if shared is None else {id(shared): shared})
+            model = template.copy_sharing_backbone()
             model.eval()
             model._fit_normal(_Subset(train_loader, self._check_input, assign != fold), False)
             s, p = model._score_raw(_Subset(train_loader, self._check_input, assign == fold))

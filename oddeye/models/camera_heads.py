@@ -19,7 +19,6 @@ when loaded. Loaded heads live in a memory-bounded LRU (``max_head_bytes``), loa
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -222,9 +221,7 @@ class CameraHeads:
     # ------------------------------------------------------------------ heads
     def new_head(self) -> AnomalyModel:
         """An unfitted head: a copy of the (never fitted) template whose backbone module *is* the template's."""
-        backbone = self.template.backbone_module()
-        head = copy.deepcopy(self.template, {id(backbone): backbone})
-        return head.eval()
+        return self.template.copy_sharing_backbone().eval()
 
     def fit_head(self, batches: Iterable[Any], folds: int = 5, progress: bool = False) -> AnomalyModel:
         """Fit a new head on normal image batches (see ``AnomalyModel.fit``) with one backbone pass; not yet saved."""
