@@ -252,13 +252,36 @@ def lines(path: Path) -> list[dict]:
     return out
 
 
-def scored_seqs(out: Path, camera: str) -> Counter:
-    return Counter(r["seq"] for r in lines(out / "scores.jsonl") if r["camera_id"] == camera)
+class ScoreLog:
+    """``scores.jsonl`` read as it grows: each call parses only the lines written since the last one
+    (the waits poll several times a second, and the file reaches tens of thousands of lines)."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._seqs: dict[str, Counter] = defaultdict(Counter)
 
-def scored_count(out: Path, camera: str) -> int:
-    """Score records of a camera (an RTSP camera's seq starts again at 0 when the pipeline restarts)."""
-    return sum(1 for r in lines(out / "scores.jsonl") if r["camera_id"] == camera)
+    def _update(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += end
+        for line in data[:end].splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                r = json.loads(line)
+                self._seqs[r["camera_id"]][r["seq"]] += 1
+
+    def seqs(self, camera: str) -> Counter:
+        """How often each seq of ``camera`` was scored."""
+        self._update()
+        return self._seqs[camera]
+
+    def count(self, camera: str) -> int:
+        """Score records of a camera (an RTSP camera's seq starts again at 0 when the pipeline restarts)."""
+        return sum(self.seqs(camera).values())
 
 
 def wait_for(what: str, cond, timeout_s: float, every: float = 1.0, odd: Oddeye | None = None) -> float:  # type: ignore[no-untyped-def]
@@ -327,6 +350,7 @@ def main() -> None:
     config.write_text(yaml.safe_dump(cfg))
 
     pub = Publisher(broker.bootstrap, "frames", marked_every=500)
+    scores = ScoreLog(out / "scores.jsonl")
     odd = Oddeye(config, out)
     watcher = Watcher(metrics_port)
     watcher.start()
@@ -335,7 +359,7 @@ def main() -> None:
         odd.start()
         # 1. warm-up, then a broker restart once everything so far is committed
         pub.publish(100, base_rate)
-        wait_for("warm-up scored", lambda: len(scored_seqs(out, KCAM)) >= 100, 600, odd=odd)
+        wait_for("warm-up scored", lambda: len(scores.seqs(KCAM)) >= 100, 600, odd=odd)
         time.sleep(3)  # commits go out within a second
         pub.close()
         log("broker restart")
@@ -353,7 +377,7 @@ def main() -> None:
         stream.start()
         wait_for(
             "a frame scored after the broker restart",
-            lambda: max(scored_seqs(out, KCAM), default=-1) >= warm,
+            lambda: max(scores.seqs(KCAM), default=-1) >= warm,
             300,
             0.2,
             odd,
@@ -366,9 +390,9 @@ def main() -> None:
         log("SIGKILL pipeline")
         odd.kill()
         t_kill = time.monotonic()
-        n_before = scored_count(out, KCAM)
+        n_before = scores.count(KCAM)
         odd.start()
-        wait_for("scores after the restart", lambda: scored_count(out, KCAM) > n_before, 600, 0.5, odd)
+        wait_for("scores after the restart", lambda: scores.count(KCAM) > n_before, 600, 0.5, odd)
         results["restart_s"] = time.monotonic() - t_kill
         log(f"pipeline scoring again {results['restart_s']:.1f} s after the SIGKILL (restart, Ray start, model load)")
         # 4. Kafka-sink outage
@@ -382,12 +406,12 @@ def main() -> None:
         log(f"camera outage {outage_s} s")
         camera.stop()
         time.sleep(outage_s)
-        n_rtsp = scored_count(out, "rtsp-cam")  # frames read before the outage are scored by now
+        n_rtsp = scores.count("rtsp-cam")  # frames read before the outage are scored by now
         camera = start_rtsp_server(port=cam_port, width=160, height=120, fps=5)
         t_cam = time.monotonic()
         wait_for(
             "RTSP frames after the camera returned",
-            lambda: scored_count(out, "rtsp-cam") > n_rtsp + 2,
+            lambda: scores.count("rtsp-cam") > n_rtsp + 2,
             300,
             0.2,
             odd,
@@ -403,7 +427,7 @@ def main() -> None:
         pub.publish(int((2 * capacity - 5) * overload_s), 2 * capacity - 5)
         # drain
         expected = pub.acked - pub.marked
-        wait_for("every published frame scored", lambda: expected <= set(scored_seqs(out, KCAM)), 3600, 2.0, odd)
+        wait_for("every published frame scored", lambda: expected <= scores.seqs(KCAM).keys(), 3600, 2.0, odd)
         time.sleep(3)
         results["exit_code"] = odd.terminate()
     finally:
@@ -425,7 +449,7 @@ def main() -> None:
     )
     dlq = list(consumer)
     consumer.close()
-    seqs = scored_seqs(out, KCAM)
+    seqs = Counter(scores.seqs(KCAM))  # the pipeline has stopped: final
     dead = lines(out / "dead_letters.jsonl")
     reasons = Counter()
     dead_seqs = set()
@@ -442,7 +466,6 @@ def main() -> None:
     duplicates = sum(seqs.values()) - len(seqs)
     dlq_poison = sum(1 for m in dlq if int(dict(m.headers).get("seq", b"0") or 0) >= 900_000 or not m.headers
                      or dict(m.headers).get("camera_id") is None)  # fmt: skip
-    rtsp = lines(out / "scores.jsonl")
     for b in (broker, sink_broker):
         b.stop()
     camera.stop()
@@ -458,7 +481,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     by_reason = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
-    rtsp_n = sum(1 for r in rtsp if r["camera_id"] == "rtsp-cam")
+    rtsp_n = scores.count("rtsp-cam")
     broker_s = results.get("broker_reconnect_s", float("nan"))
     camera_s = results.get("camera_reconnect_s", float("nan"))
     print(
