@@ -82,21 +82,21 @@ def _model_for(cfg: Any, name: str, refit: bool, fit_images: Any, several: bool 
     if ckpt.is_file() and not refit:
         log.info("eval: %s: loading %s", name, ckpt)
         model = load_model(ckpt, expect=cfg.model.name)
-        return _prepared(model, resolve_device(cfg.model.device)), None
+        return _prepared(model, resolve_device(cfg.model.device), cfg.model.precision), None
     log.info("eval: %s: no checkpoint at %s, fitting", name, ckpt)
     t0 = time.perf_counter()
     model = fit_images(ckpt)
     fit_s = time.perf_counter() - t0
-    return _prepared(model, resolve_device(cfg.model.device)), fit_s
+    return _prepared(model, resolve_device(cfg.model.device), cfg.model.precision), fit_s
 
 
-def _prepared(model: Any, device: Any) -> Any:
+def _prepared(model: Any, device: Any, precision: str = "auto") -> Any:
     """Image models score with the same speed-ups as the live model actor (channels_last, autocast where it wins)."""
     from oddeye.models.inference import prepare_for_inference
 
     if getattr(model, "is_video", False):
         return model.to(device)
-    return prepare_for_inference(model, device)
+    return prepare_for_inference(model, device, precision=precision)
 
 
 def _eval_images(cfg: Any, args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -6,11 +6,13 @@ It applies, where each one wins (measured in ``benchmarks/models_speed.py``):
 
 - ``channels_last`` memory format for models with 2-D convolutions (1.5–1.8× for a CNN
   backbone on a 2-core AVX2 CPU);
-- reduced precision (bf16, or fp16 on CUDA GPUs without bf16) for the *backbone only*:
-  the feature extractor runs under autocast and hands float32 features to the head, so
-  Gaussians, memory-bank distances and PCA stay in full precision. On by default on CUDA
-  and on CPUs with native bf16 (AMX or AVX-512 BF16); off on other CPUs, where bf16 is
-  emulated and slower;
+- reduced precision (bf16 or fp16) for the *backbone only*: the feature extractor runs under
+  autocast and hands float32 features to the head, so Gaussians, memory-bank distances and
+  PCA stay in full precision. On by default on CPUs with native bf16 (AMX or AVX-512 BF16);
+  off on other CPUs, where bf16 is emulated and slower, and off on CUDA, where an H100 ran
+  EfficientNet-Lite0 at 256² no faster in bf16 than in float32 (whose convolutions already
+  use TF32 tensor cores) and bf16 moved DFKDE's AUROC by 0.014–0.036 (benchmarks/RESULTS.md).
+  ``model.precision: float16`` or ``bfloat16`` turns it on for larger backbones;
 - batch norms folded into the convolutions before them (an inference copy of a frozen timm
   backbone, checked against the original on a probe batch; the backbone itself and the
   checkpoint keep the batch norms). Removes a memory-bound pass per convolution;
@@ -23,10 +25,11 @@ set of backbone weights) live on the module instance only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +162,26 @@ def fold_batch_norms(net: nn.Module, probe: torch.Tensor) -> nn.Module | None:
         _set_submodule(folded, conv_name, fused)
         _set_submodule(folded, bn_name, _bn_tail(bn))
     folded.requires_grad_(False)
-    expected, got = net(probe), folded(probe)
+    with _without_tf32():
+        expected, got = net(probe), folded(probe)
     for a, b in zip(_flat(expected), _flat(got), strict=True):
         if a.shape != b.shape or float((a - b).abs().max()) > _FOLD_TOLERANCE * max(float(a.abs().max()), 1.0):
             log.warning("batch-norm folding changed the backbone's output; keeping the unfolded backbone")
             return None
     return folded
+
+
+@contextlib.contextmanager
+def _without_tf32() -> Iterator[None]:
+    """Full float32 convolutions and matmuls on CUDA while folding is checked: CUDA convolutions
+    run in TF32 by default, whose rounding (1e-3) alone would fail the check on every GPU (seen on
+    an H100: every fold was refused)."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
@@ -185,9 +202,7 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "float32":
         return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "auto":  # CUDA: float32 (TF32 convolutions), measured no slower and exact
         if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return None
@@ -241,8 +256,8 @@ def prepare_for_inference(
     """Move ``model`` to ``device``, put it in eval mode and apply the speed-ups that win there.
 
     ``channels_last``: ``"auto"`` (on for models with 2-D convolutions), True or False.
-    ``precision``: ``"auto"`` (bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else
-    float32), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (CUDA only); it applies to the
+    ``precision``: ``"auto"`` (bf16 on CPUs with native bf16, else float32; float32 on
+    CUDA), ``"float32"``, ``"bfloat16"`` or ``"float16"`` (CUDA only); it applies to the
     backbone only. ``compile``: ``torch.compile`` the backbone. ``fold_bn``: run frozen timm
     backbones through a copy with batch norms folded into the convolutions. Returns the same module,
     prepared in place; calling it again re-applies the new settings. Scores stay within

@@ -186,10 +186,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def model_actor_options(cfg: ModelConfig, cuda: bool, overlap: bool = False) -> dict[str, Any]:
-    """Ray options of a model actor. ``overlap`` (CUDA image models): two calls at once, so that
-    one batch's host-to-device copy runs while the other computes (``ModelWorker`` serialises
-    the compute itself)."""
+def model_actor_options(cfg: ModelConfig, cuda: bool) -> dict[str, Any]:
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if cuda else 0)
     threads = str(cfg.num_threads or max(1, round(cfg.num_cpus)))
     return {
@@ -197,7 +194,7 @@ def model_actor_options(cfg: ModelConfig, cuda: bool, overlap: bool = False) -> 
         "num_gpus": num_gpus,
         "resources": dict(cfg.resources) or None,
         "max_restarts": cfg.max_restarts,
-        "max_concurrency": 2 if cuda and overlap else 1,
+        "max_concurrency": 1,
         "runtime_env": {"env_vars": {**ACTOR_ENV, "OMP_NUM_THREADS": threads}},
     }
 

@@ -182,8 +182,7 @@ class Pipeline:
         cluster = ray.cluster_resources()
         cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and cluster.get("GPU", 0) > 0)
         device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if cuda else "cpu")
-        overlap = cfg.model.scope != "camera" and not _is_video(cfg.model.name)
-        opts = model_actor_options(cfg.model, cuda, overlap=overlap)
+        opts = model_actor_options(cfg.model, cuda)
         self._check_resources(opts, cluster)
         # The checkpoint travels through a named holder in the object store: model actors on other
         # nodes need not see this machine's files, and a restarted actor fetches it again.
@@ -204,7 +203,15 @@ class Pipeline:
         actor_cls, extra = (
             (CameraHeadsActor, camera_actor_kwargs(cfg))
             if cfg.model.scope == "camera"
-            else (ModelActor, {"backend": cfg.model.backend, "batch_size": cfg.batching.max_batch_size})
+            else (
+                ModelActor,
+                {
+                    "backend": cfg.model.backend,
+                    "batch_size": cfg.batching.max_batch_size,
+                    "precision": cfg.model.precision,
+                    "compile": cfg.model.compile,
+                },
+            )
         )
         self.replicas = [
             actor_cls.options(**opts).remote(
@@ -724,16 +731,6 @@ class Pipeline:
     def close(self) -> None:
         """Stop serving metrics (call after reading them, e.g. in tests)."""
         self.telemetry.stop()
-
-
-def _is_video(model_name: str) -> bool:
-    """Whether the registered model ``model_name`` scores clips (its calls must stay in order)."""
-    from oddeye.models.registry import get_model_class
-
-    try:
-        return bool(get_model_class(model_name).is_video)
-    except KeyError:
-        return True  # unknown here: the actor's load reports it; keep calls in order meanwhile
 
 
 def _resources_text(res: dict[str, float]) -> str:

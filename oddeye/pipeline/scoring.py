@@ -3,18 +3,12 @@
 ``ModelWorker`` is plain Python; ``oddeye.pipeline.actors`` hosts it as a Ray actor
 (one per replica). Frames travel as uint8 (4× smaller than float), are stacked, moved
 to the device (through pinned memory on CUDA) and normalised there.
-
-On CUDA an image model's worker overlaps transfer and compute: the actor takes two calls at
-once (``max_concurrency=2``); each copies its batch to the GPU on a side stream outside
-the compute lock, so the next batch's host-to-device copy runs while this one computes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,10 +84,6 @@ def configure_threads(num_threads: int | None) -> int:
 
 
 class ModelWorker:
-    _copy_stream: torch.cuda.Stream | None = None
-    """CUDA image models: the side stream batches are copied on, so copies overlap compute."""
-    _compute: threading.RLock
-
     def __init__(
         self,
         checkpoint: str | bytes,
@@ -103,6 +93,8 @@ class ModelWorker:
         labels_alert: bool = False,
         backend: str = "torch",
         batch_size: int = 8,
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         """``checkpoint`` is a path or the checkpoint's bytes (how the driver ships it to any node).
 
@@ -121,7 +113,7 @@ class ModelWorker:
         try:  # channels_last, reduced-precision backbone, ... wherever each wins on this device
             from oddeye.models.inference import inference_settings, prepare_for_inference
 
-            prepare_for_inference(self.model, self.device)
+            prepare_for_inference(self.model, self.device, precision=precision, compile=compile)
             self.inference = dict(inference_settings(self.model) or {})
         except Exception as e:  # a speed-up must never stop scoring
             log.warning("model %s: inference speed-ups not applied (%s); scoring as loaded", self.model.name, e)
@@ -134,9 +126,6 @@ class ModelWorker:
         self.name = self.model.name
         self.image_size = self.model.image_size
         self.clips = ClipBuffers(self.model.clip_length) if self.model.is_video else None
-        self._compute = threading.RLock()
-        if self.device.type == "cuda" and self.clips is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
         log.info("model %s loaded on %s", self.name, self.device)
 
     def _onnxruntime(self, batch_size: int) -> Any:
@@ -168,20 +157,9 @@ class ModelWorker:
     def images_to_tensor(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
         stacked = images if isinstance(images, np.ndarray) else np.stack(images)
         batch = torch.from_numpy(np.ascontiguousarray(stacked)).permute(0, 3, 1, 2)
-        if self.device.type != "cuda":
-            return batch.float().div_(255.0)
-        pinned = batch.pin_memory()
-        copy = self._copy_stream
-        if copy is None:
-            return pinned.to(self.device, non_blocking=True).float().div_(255.0)
-        with torch.cuda.stream(copy):
-            out = pinned.to(self.device, non_blocking=True).float().div_(255.0)
-        # Work queued on the compute stream from here on waits for this copy; work already queued
-        # (another call's batch) does not, so the copy runs beside it.
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(copy)
-        out.record_stream(compute)
-        return out
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.float().div_(255.0)
 
     def _inputs(
         self, frames: list[Frame], images: np.ndarray | list[np.ndarray]
@@ -217,30 +195,29 @@ class ModelWorker:
         if images is None:
             images = [f.image for f in frames]
         try:
-            # A staged copy (CUDA image models) needs no lock: it runs beside another call's compute.
-            with contextlib.nullcontext() if self._copy_stream is not None else self._compute:
-                inputs, index, skipped = self._inputs(frames, images)
+            inputs, index, skipped = self._inputs(frames, images)
             if inputs is None:
                 return BatchResult(
                     np.full(len(frames), np.nan, np.float32), None, None, 0.0, self.name, None, skipped, resets
                 )
-            with self._compute:
-                pred = self.scorer(inputs)
-                got = pred.score.float().cpu().numpy()
-                if not np.all(np.isfinite(got)):
-                    raise FloatingPointError("model returned non-finite scores")
-                # Results are laid out per input frame; skipped frames keep NaN and no map.
-                scores = np.full(len(frames), np.nan, np.float32)
-                scores[index] = got
-                labels = np.zeros(len(frames), bool)
-                if pred.label is not None:
-                    labels[index] = pred.label.cpu().numpy().astype(bool)
-                maps = self.select_maps(pred.anomaly_map, index, scores, labels, want_maps)
-                boxes = None
-                if pred.boxes is not None:
-                    boxes = [[] for _ in frames]
-                    for j, b in zip(index, pred.boxes, strict=True):
-                        boxes[j] = b.float().cpu().tolist()
+            pred = self.scorer(inputs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            got = pred.score.float().cpu().numpy()
+            if not np.all(np.isfinite(got)):
+                raise FloatingPointError("model returned non-finite scores")
+            # Results are laid out per input frame; skipped frames keep NaN and no map.
+            scores = np.full(len(frames), np.nan, np.float32)
+            scores[index] = got
+            labels = np.zeros(len(frames), bool)
+            if pred.label is not None:
+                labels[index] = pred.label.cpu().numpy().astype(bool)
+            maps = self.select_maps(pred.anomaly_map, index, scores, labels, want_maps)
+            boxes = None
+            if pred.boxes is not None:
+                boxes = [[] for _ in frames]
+                for j, b in zip(index, pred.boxes, strict=True):
+                    boxes[j] = b.float().cpu().tolist()
         except Exception as e:  # one bad frame must not stop the pipeline, nor cost its batch
             if self.clips is None and len(frames) > 1:
                 log.warning(

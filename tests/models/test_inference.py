@@ -79,6 +79,14 @@ def test_auto_is_float32_on_a_cpu_without_bf16(fitted: Padim, monkeypatch: pytes
     assert inference_settings(prepare_for_inference(copy.deepcopy(fitted), "cpu"))["precision"] == "bfloat16"
 
 
+def test_auto_is_float32_on_cuda() -> None:
+    """An H100 ran the bench backbones no faster under autocast and bf16 cost DFKDE AUROC (RESULTS.md)."""
+    from oddeye.models.inference import _resolve_precision
+
+    assert _resolve_precision("auto", torch.device("cuda")) is None
+    assert _resolve_precision("float16", torch.device("cuda")) == torch.float16
+
+
 def test_bad_settings_name_the_allowed_values(fitted: Padim) -> None:
     with pytest.raises(ValueError, match=r"precision must be one of \['auto', 'float32', 'bfloat16', 'float16'\]"):
         prepare_for_inference(fitted, "cpu", precision="int8")

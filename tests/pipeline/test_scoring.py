@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from oddeye.frames import Frame
@@ -57,54 +56,13 @@ def test_maps_only_for_frames_at_or_above_the_map_threshold(tmp_path: Path) -> N
     ]
 
 
-def _padim_checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
+def test_model_precision_reaches_the_worker(tmp_path: Path) -> None:
+    """``model.precision`` is what the worker's backbone runs in (bf16 on a CPU only when asked)."""
     model = create_model(
-        "padim", backbone="resnet18", layers=["layer1", "layer2"], pre_trained=False, n_features=16, image_size=[64, 64]
+        "padim", backbone="resnet18", layers=["layer1"], pre_trained=False, n_features=8, image_size=[32, 32]
     )
-    x = torch.rand(8, 3, 64, 64)
+    x = torch.rand(6, 3, 32, 32)
     model.fit([x], [x], progress=False)
-    return model.save(tmp_path / "p.pt")
-
-
-def _concurrent_equals_serial(worker: ModelWorker) -> None:
-    """Calls in two threads (how a CUDA actor with max_concurrency=2 runs) give each batch its own scores."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(2)
-    batches = [rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8) for n in (4, 3, 5, 4, 2, 4)]
-    frames = [[Frame("cam", i, float(i), None) for i in range(len(b))] for b in batches]  # type: ignore[arg-type]
-    serial = [worker.score(f, b, "all") for f, b in zip(frames, batches, strict=True)]
-    with ThreadPoolExecutor(2) as pool:
-        together = list(pool.map(lambda fb: worker.score(fb[0], fb[1], "all"), zip(frames, batches, strict=True)))
-    for a, b in zip(serial, together, strict=True):
-        assert a.error is None and b.error is None
-        np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
-        assert sorted(b.anomaly_maps) == sorted(a.anomaly_maps) == list(range(len(a.scores)))
-        for k in a.anomaly_maps:
-            assert np.abs(b.anomaly_maps[k].astype(int) - a.anomaly_maps[k].astype(int)).max() <= 1
-
-
-def test_concurrent_calls_score_each_batch_as_alone(tmp_path: Path) -> None:
-    worker = ModelWorker(str(_padim_checkpoint(tmp_path)), "cpu", 1)
-    assert worker._copy_stream is None  # the CPU path: calls take turns
-    _concurrent_equals_serial(worker)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_copies_overlap_compute_and_scores_match_serial(tmp_path: Path) -> None:
-    worker = ModelWorker(str(_padim_checkpoint(tmp_path)), "cuda", 1)
-    assert worker._copy_stream is not None  # batches are staged on a side stream
-    _concurrent_equals_serial(worker)
-
-
-def test_only_cuda_image_model_actors_take_two_calls_at_once() -> None:
-    from oddeye.config import ModelConfig
-    from oddeye.pipeline.actors import model_actor_options
-    from oddeye.pipeline.runner import _is_video
-
-    cfg = ModelConfig(name="padim")
-    assert model_actor_options(cfg, cuda=True, overlap=True)["max_concurrency"] == 2
-    assert model_actor_options(cfg, cuda=False, overlap=True)["max_concurrency"] == 1
-    assert model_actor_options(cfg, cuda=True, overlap=False)["max_concurrency"] == 1
-    assert _is_video("ai_vad") and not _is_video("padim")
+    path = model.save(tmp_path / "p.pt")
+    assert ModelWorker(str(path), "cpu", 1, precision="bfloat16").inference["precision"] == "bfloat16"
+    assert ModelWorker(str(path), "cpu", 1, precision="float32").inference["precision"] == "float32"
