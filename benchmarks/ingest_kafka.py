@@ -52,7 +52,7 @@ def drain(bootstrap: str, topic: str, n: int, actors: int) -> float:
 
     import ray
 
-    from oddeye.pipeline.actors import IngestActor
+    from oddeye.pipeline.ingest_actor import IngestActor
     from oddeye.sources.kafka import KafkaSource
 
     group = f"bench-{uuid.uuid4().hex[:8]}"

@@ -12,11 +12,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is not imported at run time: ingest processes never need it
+    import torch
 
 __all__ = [
     "CONTENT_TYPES",

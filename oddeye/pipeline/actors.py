@@ -18,49 +18,14 @@ import ray
 from oddeye.config import ModelConfig, RayConfig
 from oddeye.frames import Frame
 from oddeye.pipeline.camera_scoring import CameraHeadsWorker
-from oddeye.pipeline.ingest import IngestWorker, TakeResult
+from oddeye.pipeline.ingest_actor import ACTOR_ENV, _node_id
 from oddeye.pipeline.scoring import BatchResult, ModelWorker
 
 log = logging.getLogger(__name__)
 
-# Waiting OpenMP threads sleep instead of spinning: spinning threads of one actor steal the
-# cores the others (and the other processes of a busy camera server) need.
-ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0", "OMP_NUM_THREADS": "1"}
-
 
 class RayStartError(RuntimeError):
     """Ray could not be started or joined in time."""
-
-
-def _node_id() -> str | None:
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return None
-
-
-@ray.remote(num_cpus=0, max_concurrency=4)
-class IngestActor(IngestWorker):
-    """An ``IngestWorker`` whose ``take`` puts the frames' pixels in the object store."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            import cv2
-
-            cv2.setNumThreads(1)  # decode runs on this actor's reader thread; no pool per actor
-        except Exception:
-            pass
-        super().__init__(*args, **kwargs)
-        self.stats.node_id = _node_id()
-
-    def take(self, max_n: int, timeout_s: float) -> TakeResult:
-        res = super().take(max_n, timeout_s)
-        if res.frames:
-            images = np.stack([f.image for f in res.frames])
-            for f in res.frames:
-                f.image = None  # type: ignore[assignment]
-            res.images = ray.put(images)
-        return res
 
 
 @ray.remote(num_cpus=0)

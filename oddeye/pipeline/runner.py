@@ -34,7 +34,6 @@ from oddeye.pipeline.acks import AckTracker
 from oddeye.pipeline.actors import (
     CameraHeadsActor,
     CheckpointStore,
-    IngestActor,
     ModelActor,
     RayStartError,
     ensure_ray,
@@ -46,6 +45,7 @@ from oddeye.pipeline.batching import Batcher
 from oddeye.pipeline.builders import build_sinks, build_source, camera_label, decode_workers_for, drop_policy_for
 from oddeye.pipeline.camera_scoring import camera_actor_kwargs, open_model_directory
 from oddeye.pipeline.ingest import IngestStats, TakeResult
+from oddeye.pipeline.ingest_actor import IngestActor
 from oddeye.pipeline.results import BatchOutcome, ResultHandler
 from oddeye.pipeline.scoring import BatchResult
 from oddeye.pipeline.telemetry import Telemetry
