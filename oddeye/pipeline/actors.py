@@ -86,10 +86,11 @@ class CameraHeadsActor(CameraHeadsWorker):
 
 
 def fetch_images(parts: list[tuple[Any, list[int]]]) -> np.ndarray:
-    """The rows of object-store arrays a batch names (``parts`` = [(ref, rows)]), stacked in order."""
+    """The rows of object-store frame lists a batch names (``parts`` = [(ref, rows)]), stacked in order.
+
+    One copy per frame: the lists come back as zero-copy views of the object store."""
     arrays = ray.get([ref for ref, _ in parts])
-    images = [a[rows] for a, (_, rows) in zip(arrays, parts, strict=True)]
-    return images[0] if len(images) == 1 else np.concatenate(images)
+    return np.stack([a[r] for a, (_, rows) in zip(arrays, parts, strict=True) for r in rows])
 
 
 def ensure_ray(cfg: RayConfig) -> bool:

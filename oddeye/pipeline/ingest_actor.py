@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import ray
 
 from oddeye.pipeline.ingest import IngestWorker, TakeResult
@@ -43,7 +42,9 @@ class IngestActor(IngestWorker):
     def take(self, max_n: int, timeout_s: float) -> TakeResult:
         res = super().take(max_n, timeout_s)
         if res.frames:
-            images = np.stack([f.image for f in res.frames])
+            # A list, not one stacked array: each frame is copied once, into the object store
+            # (stacking first copied it twice); the model actor stacks the rows it scores.
+            images = [f.image for f in res.frames]
             for f in res.frames:
                 f.image = None  # type: ignore[assignment]
             res.images = ray.put(images)
