@@ -6,7 +6,10 @@ either importing the model packages (which is what ``list_models`` does to fill 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +31,33 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
+_PACKAGES = ("oddeye.models.image", "oddeye.models.video")
+_all_loaded = False
+
+
 def _load_builtin_models() -> None:
-    # Importing the packages runs their @register decorators.
-    import oddeye.models.image
-    import oddeye.models.video  # noqa: F401
+    """Import every model module of the built-in packages (their ``@register`` decorators run)."""
+    global _all_loaded
+    if _all_loaded:
+        return
+    for package in _PACKAGES:
+        pkg = importlib.import_module(package)
+        for m in pkgutil.iter_modules(pkg.__path__):
+            if not m.name.startswith("_"):
+                importlib.import_module(f"{package}.{m.name}")
+    _all_loaded = True
+
+
+def _load_model_module(name: str) -> None:
+    """Import only the module named like the model (``padim`` → ``oddeye.models.image.padim``), when there
+    is one: a model actor then loads its own model's dependencies, not the whole zoo (timm, FrEIA,
+    open_clip ... cost seconds of start-up per actor)."""
+    for package in _PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            continue
+        if importlib.util.find_spec(f"{package}.{name}") is not None:
+            importlib.import_module(f"{package}.{name}")
+            return
 
 
 def list_models() -> list[str]:
@@ -41,7 +67,10 @@ def list_models() -> list[str]:
 
 
 def get_model_class(name: str) -> type:
-    _load_builtin_models()
+    if name not in _REGISTRY and name.isidentifier():
+        _load_model_module(name)
+    if name not in _REGISTRY:
+        _load_builtin_models()
     try:
         return _REGISTRY[name]
     except KeyError:

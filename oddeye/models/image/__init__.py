@@ -1,12 +1,5 @@
-"""Image anomaly models; importing this package imports every module in it, which registers them.
+"""Image anomaly models, one module (or sub-package) each with an ``@register("name")`` class.
 
-A new model is one module (or sub-package) here with an ``@register("name")`` class: no list to edit.
+No list to edit: the registry imports a model's module by its name on first use (a module
+named like the model, e.g. ``padim``), and every module here for ``list_models``.
 """
-
-import importlib
-import pkgutil
-
-__all__ = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-
-for _name in __all__:
-    importlib.import_module(f"{__name__}.{_name}")
