@@ -14,8 +14,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 from pathlib import Path
 
 import pytest
+import torch
 
 from oddeye.config import parse_config
+
+# One torch thread in the test process: the tests' tiny tensors gain nothing from a second one, and
+# on a 2-core machine shared with Ray actors and servers two threads made model fits up to 6×
+# slower (tests/models GLASS, DRAEM, STFPM, FastFlow: 480 s with 2 threads, 82 s with 1; session 4).
+torch.set_num_threads(1)
 
 
 def in_ci() -> bool:

@@ -32,7 +32,8 @@ def data() -> dict:
 @pytest.fixture(scope="module")
 def fitted(data: dict) -> Glass:
     torch.manual_seed(0)
-    model = Glass(**TINY, step=5, learning_rate=2e-3, max_epochs=None, max_steps=100, seed=0)
+    # 200 steps: AUROC 0.90, 0.95, 1.0 over seeds 0-2 at one thread; 100 steps gave 0.79, 0.78, 0.97
+    model = Glass(**TINY, step=5, learning_rate=2e-3, max_epochs=None, max_steps=200, seed=0)
     model.fit(data["train"].split(8), data["val"].split(10), progress=False)
     return model
 
