@@ -38,7 +38,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models_speed import _table, bench_coreset
+from models_speed import _table, _timing, bench_coreset
 
 from oddeye.data.synth import SynthImageSpec, render_category
 from oddeye.evaluation.metrics import auroc
@@ -72,26 +72,12 @@ def _scores(model: torch.nn.Module, images: torch.Tensor, device: torch.device, 
 
 
 @torch.inference_mode()
-def _speed(model: torch.nn.Module, images: torch.Tensor, device: torch.device, min_time: float) -> dict[str, float]:
+def _speed(model: torch.nn.Module, size: int, device: torch.device, min_time: float) -> dict[str, float]:
     """frames/s at batch 32 and p50 latency (ms) at batch 1, each over ``min_time`` seconds."""
-    row = {}
-    for batch in (32, 1):
-        x = images[:batch].to(device)
-        for _ in range(2):
-            model(x)  # warm-up (and compile)
-        _sync(device)
-        lat: list[float] = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < min_time or len(lat) < 5:
-            t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            lat.append(time.perf_counter() - t0)
-        if batch == 32:
-            row["fps_b32"] = batch * len(lat) / sum(lat)
-        else:
-            row["p50_ms_b1"] = 1e3 * float(np.median(lat))
-    return row
+    return {
+        "fps_b32": _timing(model, 32, size, device, min_time)[0],
+        "p50_ms_b1": _timing(model, 1, size, device, min_time)[1],
+    }
 
 
 def bench_category(category: str, args: argparse.Namespace, device: torch.device, first: bool) -> list[dict[str, Any]]:
@@ -136,7 +122,7 @@ def bench_category(category: str, args: argparse.Namespace, device: torch.device
                 row["auroc"] = auroc(scores, labels)
                 base_auroc = row["auroc"] if base_auroc is None else base_auroc
                 row["d_auroc"] = row["auroc"] - base_auroc
-                row.update(_speed(model, test_x, device, args.min_time))
+                row.update(_speed(model, args.size, device, args.min_time))
                 row["setup_s"] = time.perf_counter() - t0
             except Exception as e:  # one failing variant (e.g. compile) must not cost the rest of the run
                 row = {"category": category, "model": name, "variant": label, "error": f"{type(e).__name__}: {e}"[:200]}

@@ -32,13 +32,17 @@ def test_a_marked_frame_fails_alone_and_the_rest_of_its_batch_is_scored(tmp_path
     assert w.info()["num_threads"] == 1 and torch.get_num_threads() == 1
 
 
-def test_maps_only_for_frames_at_or_above_the_map_threshold(tmp_path: Path) -> None:
+def _tiny_padim(tmp_path: Path) -> Path:
     model = create_model(
         "padim", backbone="resnet18", layers=["layer1"], pre_trained=False, n_features=8, image_size=[32, 32]
     )
     x = torch.rand(6, 3, 32, 32)
     model.fit([x], [x], progress=False)
-    path = model.save(tmp_path / "p.pt")
+    return model.save(tmp_path / "p.pt")
+
+
+def test_maps_only_for_frames_at_or_above_the_map_threshold(tmp_path: Path) -> None:
+    path = _tiny_padim(tmp_path)
     images = (np.random.default_rng(1).random((4, 32, 32, 3)) * 255).astype(np.uint8)
     frames = [Frame("cam", i, float(i), None) for i in range(4)]  # type: ignore[arg-type]
     everything = ModelWorker(str(path), "cpu", 1, map_threshold=0.0).score(frames, images)
@@ -58,11 +62,6 @@ def test_maps_only_for_frames_at_or_above_the_map_threshold(tmp_path: Path) -> N
 
 def test_model_precision_reaches_the_worker(tmp_path: Path) -> None:
     """``model.precision`` is what the worker's backbone runs in (bf16 on a CPU only when asked)."""
-    model = create_model(
-        "padim", backbone="resnet18", layers=["layer1"], pre_trained=False, n_features=8, image_size=[32, 32]
-    )
-    x = torch.rand(6, 3, 32, 32)
-    model.fit([x], [x], progress=False)
-    path = model.save(tmp_path / "p.pt")
+    path = _tiny_padim(tmp_path)
     assert ModelWorker(str(path), "cpu", 1, precision="bfloat16").inference["precision"] == "bfloat16"
     assert ModelWorker(str(path), "cpu", 1, precision="float32").inference["precision"] == "float32"
