@@ -15,7 +15,7 @@ import inspect
 import io
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -163,6 +163,14 @@ class ScoreNormalizer(nn.Module):
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((raw - self.threshold.to(raw.dtype)) / self.scale.to(raw.dtype))
 
+    @staticmethod
+    def rows(normalizers: Sequence[ScoreNormalizer], index: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """``forward`` of a batch whose row ``i`` (a score, or a map) belongs to ``normalizers[index[i]]``."""
+        shape = (-1,) + (1,) * (raw.ndim - 1)
+        threshold = torch.stack([n.threshold for n in normalizers]).to(raw)[index].view(shape)
+        scale = torch.stack([n.scale for n in normalizers]).to(raw)[index].view(shape)
+        return torch.sigmoid((raw - threshold) / scale)
+
 
 class AnomalyModel(nn.Module):
     """Base class of image anomaly models.
@@ -261,6 +269,33 @@ class AnomalyModel(nn.Module):
     def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """The head half: ``raw_forward``'s outputs from ``embed``'s features, maps at ``size``."""
         raise NotImplementedError(f"{self.name} does not split into a shared backbone and a head")
+
+    @classmethod
+    def score_embedding_heads(
+        cls, heads: Sequence[AnomalyModel], embedding: torch.Tensor, index: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...] | None:
+        """``score_embedding`` for a batch mixing fitted heads of this class (per-camera heads on one backbone):
+        row ``i`` of ``embedding`` scored by ``heads[index[i]]``, in batched passes rather than one call per
+        head. The same outputs as each head's own ``score_embedding`` on its rows (up to float rounding);
+        None where this model has no batched form: the caller then scores each head's rows on their own."""
+        return None
+
+    @classmethod
+    def forward_embedding_heads(
+        cls, heads: Sequence[AnomalyModel], embedding: torch.Tensor, index: torch.Tensor, size: tuple[int, int]
+    ) -> Prediction | None:
+        """``forward_embedding`` for a batch mixing heads (see ``score_embedding_heads``), or None."""
+        for head in heads:
+            if not head.fitted:
+                raise RuntimeError(f"{head.name} is not fitted: call fit() or load a checkpoint")
+        out = cls.score_embedding_heads(heads, embedding, index, size)
+        if out is None:
+            return None
+        score = ScoreNormalizer.rows([h.normalizer for h in heads], index, out[0].float())
+        amap = out[1]
+        if amap is not None:
+            amap = ScoreNormalizer.rows([h.map_normalizer for h in heads], index, amap.float())
+        return Prediction(score=score, anomaly_map=amap)
 
     def embedding_of(self, inputs: torch.Tensor) -> torch.Tensor:
         """``embed(inputs)``, or ``inputs`` themselves while fitting on precomputed features."""

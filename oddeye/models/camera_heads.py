@@ -337,34 +337,42 @@ class CameraHeads:
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def predict(self, images: torch.Tensor, keys: list[str]) -> tuple[Prediction, list[int]]:
-        """Score a batch mixing cameras: one backbone pass, then each row's head. Every key must have a head.
+        """Score a batch mixing cameras: one backbone pass, then the heads. Every key must have a head.
 
-        Returns the ``Prediction`` (rows in input order) and the head version that scored each row.
+        The heads of the keys present score together where the model has a batched form
+        (``AnomalyModel.score_embedding_heads``: each row gathers its own head's state), else each
+        head scores its own rows. Returns the ``Prediction`` (rows in input order) and the head
+        version that scored each row.
         """
         if len(keys) != images.shape[0]:
             raise ValueError(f"{len(keys)} camera keys for a batch of {images.shape[0]}")
         x = self.template._check_input(images).to(self.device)
         embedding = self.template.embed(x)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        rows: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            rows.setdefault(key, []).append(i)
+        heads: dict[str, LoadedHead] = {}  # the keys present, in order of first appearance
+        for key in keys:
+            if key not in heads:
+                loaded = self.get(key)
+                if loaded is None:
+                    raise KeyError(f"no head for camera {key!r} in {self.directory}")
+                heads[key] = loaded
+        versions = [heads[key].version for key in keys]
+        position = {key: k for k, key in enumerate(heads)}
+        index = torch.tensor([position[key] for key in keys], device=x.device)
+        models = [loaded.model for loaded in heads.values()]
+        pred = type(self.template).forward_embedding_heads(models, embedding, index, size)
+        if pred is not None:
+            return pred, versions
         score = torch.empty(len(keys), device=x.device)
         maps: torch.Tensor | None = None
-        versions = [0] * len(keys)
-        for key, idx in rows.items():
-            loaded = self.get(key)
-            if loaded is None:
-                raise KeyError(f"no head for camera {key!r} in {self.directory}")
-            sel = torch.tensor(idx, device=x.device)
-            pred = loaded.model.forward_embedding(embedding.index_select(0, sel), size)
+        for k, model in enumerate(models):  # no batched form: each head scores its own rows
+            sel = (index == k).nonzero().squeeze(1)
+            pred = model.forward_embedding(embedding.index_select(0, sel), size)
             score[sel] = pred.score.to(score.dtype)
             if pred.anomaly_map is not None:
                 if maps is None:
                     maps = torch.zeros(len(keys), *pred.anomaly_map.shape[1:], device=x.device)
                 maps[sel] = pred.anomaly_map.to(maps.dtype)
-            for i in idx:
-                versions[i] = loaded.version
         return Prediction(score=score, anomaly_map=maps), versions
 
 

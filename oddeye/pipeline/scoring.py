@@ -83,6 +83,20 @@ def configure_threads(num_threads: int | None) -> int:
     return n
 
 
+def prepare_model(model: torch.nn.Module, device: torch.device, precision: str, compile: bool) -> dict[str, Any]:
+    """``prepare_for_inference`` (channels_last, batch-norm folding, the backbone's precision, compile)
+    wherever each wins on ``device``: the settings applied, or {} (with a warning) if that failed."""
+    try:
+        from oddeye.models.inference import inference_settings, prepare_for_inference
+
+        prepare_for_inference(model, device, precision=precision, compile=compile)
+        return dict(inference_settings(model) or {})
+    except Exception as e:  # a speed-up must never stop scoring
+        name = getattr(model, "name", type(model).__name__)
+        log.warning("model %s: inference speed-ups not applied (%s); scoring as loaded", name, e)
+        return {}
+
+
 class ModelWorker:
     def __init__(
         self,
@@ -105,19 +119,9 @@ class ModelWorker:
         alert threshold: frames that can open or update an alert), unless a call asks for all;
         ``labels_alert``: also for frames the model itself labels anomalous (``threshold: auto``).
         """
-        self.num_threads = configure_threads(num_threads)
-        self.map_threshold = float(map_threshold)
-        self.labels_alert = bool(labels_alert)
-        self.device = resolve_device(device)
+        self._setup(device, num_threads, map_threshold, labels_alert)
         self.model = load_model(checkpoint, map_location="cpu").to(self.device).eval()
-        try:  # channels_last, reduced-precision backbone, ... wherever each wins on this device
-            from oddeye.models.inference import inference_settings, prepare_for_inference
-
-            prepare_for_inference(self.model, self.device, precision=precision, compile=compile)
-            self.inference = dict(inference_settings(self.model) or {})
-        except Exception as e:  # a speed-up must never stop scoring
-            log.warning("model %s: inference speed-ups not applied (%s); scoring as loaded", self.model.name, e)
-            self.inference = {}
+        self.inference = prepare_model(self.model, self.device, precision, compile)
         self.scorer: Any = self.model
         if backend == "onnxruntime":
             self.scorer = self._onnxruntime(batch_size)
@@ -127,6 +131,13 @@ class ModelWorker:
         self.image_size = self.model.image_size
         self.clips = ClipBuffers(self.model.clip_length) if self.model.is_video else None
         log.info("model %s loaded on %s", self.name, self.device)
+
+    def _setup(self, device: str, num_threads: int | None, map_threshold: float, labels_alert: bool) -> None:
+        """What every model worker sets first: its thread pools, its device and which maps go back."""
+        self.num_threads = configure_threads(num_threads)
+        self.map_threshold = float(map_threshold)
+        self.labels_alert = bool(labels_alert)
+        self.device = resolve_device(device)
 
     def _onnxruntime(self, batch_size: int) -> Any:
         """The ONNX Runtime scorer of the loaded model, or the torch model (with a warning) where it cannot run."""

@@ -80,6 +80,41 @@ def test_mixed_batch_scores_each_frame_with_its_own_camera_head(
     torch.testing.assert_close(alone.score, own_a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_batched_heads_score_a_mixed_batch_as_each_camera_alone(
+    name: str, scenes: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """Three cameras with their own heads in one interleaved batch: the batched pass over every head present
+    gives each frame what its camera's head gives it alone (the per-camera path), scores and maps."""
+    heads = open_heads(tmp_path, name)
+    fits = {"dock": scenes["a"], "corridor": scenes["b"], "belt": scenes["a"].flip(-2)[:16]}  # upside down, fewer
+    for key, images in fits.items():
+        heads.save_head(key, heads.fit_head(images.split(8), folds=3))
+    tests = {"dock": scenes["a_defect"][:4], "corridor": scenes["b_test"][:2], "belt": scenes["a_test"].flip(-2)[:3]}
+    order = ["belt", "dock", "dock", "corridor", "belt", "dock", "belt", "corridor", "dock"]  # uneven, interleaved
+    taken = dict.fromkeys(tests, 0)
+    batch = []
+    for key in order:
+        batch.append(tests[key][taken[key]])
+        taken[key] += 1
+    pred, versions = heads.predict(torch.stack(batch), order)
+    assert versions == [1] * len(order)
+    for key in tests:
+        rows = [i for i, k in enumerate(order) if k == key]
+        alone = heads.get(key).model(torch.stack(batch)[rows])  # this head only: backbone, head, normalisation
+        torch.testing.assert_close(pred.score[rows], alone.score, rtol=0, atol=1e-4)
+        if alone.anomaly_map is not None:
+            torch.testing.assert_close(pred.anomaly_map[rows], alone.anomaly_map, rtol=0, atol=1e-4)
+    # The scores differ by camera: each frame met its own head, not the first one's.
+    assert len({round(float(v), 4) for v in pred.score}) > 3
+    # Every split model but DFKDE (a KDE, PCA and scaling of its own per camera) scores the heads in one pass.
+    models = [heads.get(k).model for k in tests]
+    index = torch.tensor([list(tests).index(k) for k in order])
+    embedding = heads.template.embed(torch.stack(batch))
+    batched = type(heads.template).score_embedding_heads(models, embedding, index, (SIZE, SIZE))
+    assert (batched is None) == (name == "dfkde")
+
+
 @pytest.mark.parametrize("name", ["padim", "patchcore", "cfa"])
 def test_fitting_on_cached_features_equals_fitting_on_images(name: str, scenes: dict[str, torch.Tensor]) -> None:
     """A head fits with one backbone pass (the k fold fits reuse the features) and learns the same."""

@@ -17,6 +17,7 @@ from oddeye.models.components import (
     TimmFeatureExtractor,
     WeightsUnavailableError,
     mahalanobis,
+    mahalanobis_heads,
 )
 
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -235,6 +236,18 @@ def test_mahalanobis_in_blocks_matches_one_block() -> None:
     before = gaussian(x)
     gaussian.load_state_dict({**gaussian.state_dict(), "mean": gaussian.mean + 1})  # in place: same tensor
     assert not torch.allclose(gaussian(x), before)  # the cached transposed mean follows the new values
+
+
+def test_mahalanobis_of_rows_of_many_heads_matches_each_head_alone() -> None:
+    gen = torch.Generator().manual_seed(0)
+    c, n = 5, 30
+    heads = [MultiVariateGaussian().fit(torch.randn(20, c, n, generator=gen) * (k + 1) + k) for k in range(3)]
+    index = torch.tensor([2, 0, 0, 1, 2, 0])  # uneven groups, interleaved
+    x = torch.randn(len(index), c, n, generator=gen)
+    expected = torch.stack([heads[int(k)](x[i : i + 1])[0] for i, k in enumerate(index)])
+    for chunk in (1, 3 * 3 * c * 7, 1 << 22):  # one position per block, blocks that do not divide n, one block
+        torch.testing.assert_close(mahalanobis_heads(x, heads, index, chunk_size=chunk), expected)
+    torch.testing.assert_close(mahalanobis_heads(x[:2], heads[:1], torch.zeros(2, dtype=torch.long)), heads[0](x[:2]))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 40, 70), (2, 3, 20, 24)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oddeye.models.components import MemoryBank, knn, squared_distances
+from oddeye.models.components import MemoryBank, knn, knn_heads, squared_distances
 
 
 def test_squared_distances_match_cdist() -> None:
@@ -25,6 +25,20 @@ def test_knn_matches_brute_force_for_any_chunk_size(chunk_size: int, k: int) -> 
     torch.testing.assert_close(distances, expected.values, rtol=1e-5, atol=1e-5)
     squared, _ = knn(queries, bank, k=k, chunk_size=chunk_size, squared=True)
     torch.testing.assert_close(squared, expected.values.pow(2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5000, 1 << 24])
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_of_rows_searching_their_own_banks_matches_knn(chunk_size: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    banks = [torch.randn(40, 8, generator=gen) + i for i in range(3)]
+    index = torch.tensor([1, 0, 2, 2, 0])
+    queries = torch.randn(len(index), 25, 8, generator=gen) + index.view(-1, 1, 1)
+    got = knn_heads(queries, banks, index, k=k, chunk_size=chunk_size)
+    expected = torch.stack([knn(q, banks[int(i)], k=k)[0] for q, i in zip(queries, index, strict=True)])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="one shape"):
+        knn_heads(queries, [banks[0], banks[1][:30], banks[2]], index)
 
 
 def test_knn_distances_are_exact_for_near_duplicates() -> None:

@@ -15,8 +15,9 @@ from oddeye.config import ConfigError, ModelConfig, parse_config
 from oddeye.frames import Frame
 from oddeye.models.base import FitError
 from oddeye.models.camera_heads import CameraHeads
+from oddeye.models.image.dfm import Dfm
 from oddeye.models.registry import create_model
-from oddeye.pipeline.camera_scoring import CameraHeadsWorker
+from oddeye.pipeline.camera_scoring import CameraHeadsWorker, camera_actor_kwargs
 from oddeye.pipeline.fit import fit_camera_heads
 from oddeye.pipeline.scoring import BatchResult
 from oddeye.sources.synthetic import SyntheticCamera
@@ -90,6 +91,99 @@ def test_a_mixed_batch_scores_each_frame_with_its_own_camera_head(directory: Cam
         torch.from_numpy(images[a_rows]).permute(0, 3, 1, 2).float() / 255, ["cam-b"] * len(a_rows)
     )
     assert crossed.score.min() > res.scores[a_rows].max()
+
+
+def fallback_checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    fallback = create_model("dfm", image_size=[SIZE, SIZE], **PARAMS)
+    fallback.fit([torch.from_numpy(camera_frames("x", 9, 16)[1]).permute(0, 3, 1, 2).float() / 255], progress=False)
+    return fallback.save(tmp_path / "default.pt")
+
+
+@pytest.mark.parametrize("on_missing", ["skip", "default", "fit"])
+def test_batched_heads_score_three_cameras_and_leave_an_unfitted_one_to_on_missing(
+    directory: CameraHeads, tmp_path: Path, on_missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three fitted cameras and an unfitted one in one batch: the heads scored in one batched pass give what
+    the per-camera path gives, and the unfitted camera's frames go to on_missing exactly as before."""
+    fit_head(directory, "cam-d", camera_frames("cam-d", 4, 24)[1])
+    parts = [camera_frames(cam, seed, n, start=100) for cam, seed, n in (("cam-a", 1, 3), ("cam-b", 2, 2))]
+    parts += [camera_frames(cam, seed, n, start=100) for cam, seed, n in (("cam-c", 3, 2), ("cam-d", 4, 3))]
+    order = [0, 3, 5, 7, 1, 8, 4, 6, 2, 9]  # a, b, c, d interleaved
+    frames = [f for fs, _ in parts for f in fs]
+    frames, images = [frames[i] for i in order], np.concatenate([im for _, im in parts])[order]
+    default = fallback_checkpoint(tmp_path) if on_missing == "default" else None
+    cfg = model_config(tmp_path, on_missing=on_missing, default=str(default) if default else None)
+
+    def run() -> tuple[CameraHeadsWorker, BatchResult]:
+        checkpoint = default.read_bytes() if default else None
+        worker = CameraHeadsWorker(cfg, checkpoint, device="cpu", num_threads=1, fit_max_frames=12)
+        return worker, worker.score(frames, images, "all")
+
+    batched = Dfm.score_embedding_heads
+    calls: list[int] = []
+    with monkeypatch.context() as m:  # the batched path, seen to run once for the three heads
+        m.setattr(
+            Dfm,
+            "score_embedding_heads",
+            classmethod(lambda cls, heads, *a: calls.append(len(heads)) or batched(heads, *a)),
+        )
+        worker, res = run()
+    assert calls == [3]
+    with monkeypatch.context() as m:  # the per-camera path: each head scores its own rows
+        m.setattr(Dfm, "score_embedding_heads", classmethod(lambda cls, *args: None))
+        looped_worker, looped = run()
+    cams = [f.camera_id for f in frames]
+    fitted = [i for i, c in enumerate(cams) if c != "cam-c"]
+    unfitted = [i for i, c in enumerate(cams) if c == "cam-c"]
+    np.testing.assert_allclose(res.scores[fitted], looped.scores[fitted], rtol=0, atol=1e-4)
+    for i in fitted:
+        np.testing.assert_allclose(res.anomaly_maps[i], looped.anomaly_maps[i], rtol=0, atol=1)  # uint8 maps
+    for cam in ("cam-a", "cam-b", "cam-d"):  # each frame got its own camera's head
+        rows = [i for i, c in enumerate(cams) if c == cam]
+        alone = worker.heads.get(cam).model(torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float() / 255)
+        np.testing.assert_allclose(res.scores[rows], alone.score.numpy(), rtol=0, atol=1e-4)
+    # The unfitted camera: handled as the per-camera path handles it, as on_missing promises.
+    assert res.skipped == looped.skipped and res.model_versions == looped.model_versions
+    assert res.camera_models == looped.camera_models
+    assert all(res.model_versions[i] == 1 for i in fitted)
+    if on_missing == "skip":
+        assert res.skipped == dict.fromkeys(unfitted, "no_model") and np.isnan(res.scores[unfitted]).all()
+    elif on_missing == "default":
+        assert res.skipped == {} and all(res.model_versions[i] == 0 for i in unfitted)
+        expected = worker.default(torch.from_numpy(images[unfitted]).permute(0, 3, 1, 2).float() / 255).score
+        np.testing.assert_allclose(res.scores[unfitted], expected.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(res.scores[unfitted], looped.scores[unfitted], rtol=0, atol=1e-4)
+    else:
+        assert res.skipped == dict.fromkeys(unfitted, "fitting") and np.isnan(res.scores[unfitted]).all()
+        assert len(worker._buffers["cam-c"]) == len(looped_worker._buffers["cam-c"]) == len(unfitted)
+        assert res.camera_models["cam-c"]["fit_progress"] == pytest.approx(len(unfitted) / 12)
+    worker.close()
+    looped_worker.close()
+
+
+def test_the_shared_backbone_is_prepared_for_inference_with_the_configured_precision(
+    directory: CameraHeads, tmp_path: Path
+) -> None:
+    """As the pipeline scope's ModelWorker: channels_last, folded batch norms and model.precision for the
+    backbone every head shares; the heads keep scoring in float32."""
+    frames, images = camera_frames("cam-a", 1, 4, start=100)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    expected, _ = directory.predict(x, ["cam-a"] * 4)  # the directory as opened: no speed-ups
+    worker = CameraHeadsWorker(model_config(tmp_path), device="cpu", num_threads=1, precision="float32")
+    settings = worker.info()["inference"]
+    assert settings["channels_last"] is True and settings["precision"] == "float32"
+    assert settings["folded_batch_norms"] == 1 and settings["backbones"] == ["TimmFeatureExtractor"]
+    res = worker.score(frames, images)
+    np.testing.assert_allclose(res.scores, expected.score.numpy(), rtol=0, atol=1e-4)
+    bf16 = CameraHeadsWorker(model_config(tmp_path), device="cpu", num_threads=1, precision="bfloat16")
+    assert bf16.info()["inference"]["precision"] == "bfloat16"
+    got = bf16.score(frames, images)
+    assert np.isfinite(got.scores).all() and got.skipped == {}
+    assert bf16.heads.get("cam-a").model.pca_model.singular_vectors.dtype == torch.float32
+    raw = {"sources": [{"type": "synthetic"}], "model": {"scope": "camera", "precision": "bfloat16", "compile": True}}
+    kwargs = camera_actor_kwargs(parse_config(raw))
+    assert kwargs["precision"] == "bfloat16" and kwargs["compile"] is True
 
 
 def test_on_missing_default_scores_with_the_fallback_model(directory: CameraHeads, tmp_path: Path) -> None:

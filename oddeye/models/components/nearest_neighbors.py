@@ -8,11 +8,13 @@ bank; the distances of the neighbours found are then recomputed exactly. Runs on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from oddeye.models.components.buffers import DynamicBufferMixin
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "MemoryBank", "knn", "squared_distances"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "MemoryBank", "knn", "knn_heads", "squared_distances"]
 
 # Elements of one query × bank distance block: 2^24 floats are 64 MiB.
 DEFAULT_CHUNK_SIZE = 1 << 24
@@ -104,6 +106,45 @@ def knn(
         out_d[qs : qs + query_block] = exact
         out_i[qs : qs + query_block] = best_i.gather(1, order)
     return (out_d if squared else out_d.sqrt_()), out_i
+
+
+@torch.no_grad()
+def knn_heads(
+    queries: torch.Tensor,
+    banks: Sequence[torch.Tensor],
+    index: torch.Tensor,
+    k: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Distances [B, Q, k] (Euclidean, increasing) from each row ``i`` of ``queries`` [B, Q, D] to its ``k``
+    nearest rows of ``banks[index[i]]``: ``knn`` for a batch whose rows search different banks of one size
+    [M, D] (per-camera heads), in batched matmuls over rows instead of one search per bank.
+
+    As ``knn``: ranked on bank-centred expanded distances, the winners' distances recomputed exactly.
+    Rows go a block at a time with their banks gathered (about ``chunk_size`` elements of distances or
+    banks): each bank row serves all Q queries of a row, so the copy is small beside the search.
+    """
+    if len({tuple(bank.shape) for bank in banks}) != 1 or queries.ndim != 3 or queries.shape[2] != banks[0].shape[1]:
+        raise ValueError(f"expected queries [B, Q, D] and banks [M, D] of one shape, got {tuple(queries.shape)}")
+    b, q, _ = queries.shape
+    m = banks[0].shape[0]
+    if not 1 <= k <= m:
+        raise ValueError(f"k must be between 1 and the bank size {m}, got {k}")
+    device, dtype = banks[0].device, banks[0].dtype
+    queries = queries.to(device=device, dtype=dtype)
+    heads = index.tolist()
+    out = torch.empty(b, q, k, dtype=dtype, device=device)
+    rows = max(1, chunk_size // max(q * m, m * banks[0].shape[1], 1))
+    for start in range(0, b, rows):
+        bank = torch.stack([banks[i] for i in heads[start : start + rows]])  # [n, M, D]: each row's bank
+        x = queries[start : start + rows]
+        centre = bank.mean(dim=1, keepdim=True)
+        centred = bank - centre
+        d2 = torch.baddbmm(centred.pow(2).sum(dim=2).unsqueeze(1), x - centre, centred.transpose(1, 2), alpha=-2)
+        best = d2.min(dim=2, keepdim=True)[1] if k == 1 else d2.topk(k, dim=2, largest=False)[1]  # [n, Q, k]
+        nearest = bank[torch.arange(len(bank), device=device).view(-1, 1, 1), best]  # [n, Q, k, D]
+        out[start : start + rows] = (x.unsqueeze(2) - nearest).pow(2).sum(dim=3).sort(dim=2)[0]
+    return out.sqrt_()
 
 
 class MemoryBank(DynamicBufferMixin):

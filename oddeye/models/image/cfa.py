@@ -17,7 +17,14 @@ from torch import nn
 from torch.nn.functional import avg_pool2d, interpolate, relu, softmin
 
 from oddeye.models.base import AnomalyModel, FitError, register
-from oddeye.models.components import GaussianBlur2d, KMeans, MemoryBank, TimmFeatureExtractor, squared_distances
+from oddeye.models.components import (
+    GaussianBlur2d,
+    KMeans,
+    MemoryBank,
+    TimmFeatureExtractor,
+    knn_heads,
+    squared_distances,
+)
 from oddeye.progress import progress_bar
 
 __all__ = ["Cfa", "CoordConv1x1"]
@@ -44,10 +51,15 @@ class CoordConv1x1(nn.Module):
         self.conv = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.with_coords(x))
+
+    @staticmethod
+    def with_coords(x: torch.Tensor) -> torch.Tensor:
+        """The convolution's input: ``x`` [B, C, h, w] with the x and y coordinate channels appended."""
         b, _, h, w = x.shape
         ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
-        return self.conv(torch.cat([x, xs, ys], dim=1))
+        return torch.cat([x, xs, ys], dim=1)
 
 
 @register("cfa")
@@ -197,6 +209,35 @@ class Cfa(AnomalyModel):
         b, c, h, w = features.shape
         k = min(self.num_nearest_neighbors, len(self.memory_bank))
         distances, _ = self.memory_bank(features.flatten(2).transpose(1, 2).reshape(-1, c), k=k)
+        return self._maps(distances, (b, h, w), size)
+
+    @classmethod
+    @torch.no_grad()
+    def score_embedding_heads(
+        cls, heads: Sequence[AnomalyModel], embedding: torch.Tensor, index: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every head at once: each row through its own head's adaptor (the 1×1 convolutions' weights gathered
+        per row, one batched matmul: a weight serves every position, so the gather copies far less than the
+        matmul computes), then a search of its own head's memory bank (``knn_heads``). Banks of different
+        sizes (a ``gamma_c`` k-means that found fewer centres) fall back to one head at a time (None)."""
+        models: list[Cfa] = list(heads)  # type: ignore[arg-type]
+        banks = [m.memory_bank.features for m in models]
+        if len({tuple(bank.shape) for bank in banks}) != 1:
+            return None
+        convs = [m.descriptor.conv for m in models]
+        weight = torch.stack([conv.weight.flatten(1) for conv in convs])[index]  # [B, C', C + 2]
+        bias = torch.stack([conv.bias for conv in convs])[index].unsqueeze(2)  # [B, C', 1]
+        b, _, h, w = embedding.shape
+        features = torch.baddbmm(bias, weight, CoordConv1x1.with_coords(embedding).flatten(2))  # [B, C', h*w]
+        k = min(models[0].num_nearest_neighbors, len(banks[0]))
+        distances = knn_heads(features.transpose(1, 2), banks, index, k=k)  # [B, h*w, k]
+        return models[0]._maps(distances.flatten(0, 1), (b, h, w), size)
+
+    def _maps(
+        self, distances: torch.Tensor, grid: tuple[int, int, int], size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score [B] and map [B, *size] from each patch's distances [B*h*w, k] to its nearest centres."""
+        b, h, w = grid
         patch_scores = softmin(distances, dim=1)[:, 0] * distances[:, 0]
         amap = interpolate(patch_scores.view(b, 1, h, w), size=size, mode="bilinear", align_corners=False)
         amap = self.blur(amap).squeeze(1)

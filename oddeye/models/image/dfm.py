@@ -9,13 +9,13 @@ under a Gaussian in PCA space (image-level only).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.nn.functional import avg_pool2d, interpolate
 
 from oddeye.models.base import AnomalyModel, FitError, fold_assignment, register
-from oddeye.models.components import PCA, TimmFeatureExtractor
+from oddeye.models.components import PCA, HeadGroups, TimmFeatureExtractor
 from oddeye.progress import progress_bar
 
 __all__ = ["Dfm"]
@@ -143,6 +143,25 @@ class Dfm(AnomalyModel):
         self._grid = tuple(embedding.shape[1:])
         return self._score_features(embedding.flatten(1), self.pca_model, size)
 
+    @classmethod
+    @torch.no_grad()
+    def score_embedding_heads(
+        cls, heads: Sequence[AnomalyModel], embedding: torch.Tensor, index: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every head at once: rows grouped by head, each group projected on its own head's PCA (one matmul
+        each, the basis read where it is: used once per row, a basis gathered per row would copy as much as
+        the matmul reads), then every row's error and map in one pass."""
+        models: list[Dfm] = list(heads)  # type: ignore[arg-type]
+        groups = HeadGroups(index.to(models[0].device), len(models))
+        flat = groups.pad(embedding.flatten(1))  # [K, rows, D]
+        if models[0].score_type == "nll":
+            score = torch.stack([m._score_features(flat[k], m.pca_model, size)[0] for k, m in enumerate(models)])
+            return groups.unpad(score), None
+        pcas = [m.pca_model for m in models]
+        reconstruction = torch.stack([pca.inverse_transform(pca.transform(flat[k])) for k, pca in enumerate(pcas)])
+        grid = tuple(embedding.shape[1:])
+        return models[0]._reconstruction_scores(embedding.flatten(1), groups.unpad(reconstruction), grid, size)
+
     def _score_features(
         self, flat: torch.Tensor, pca: PCA, size: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -151,8 +170,15 @@ class Dfm(AnomalyModel):
         if self.score_type == "nll":
             variance = pca.explained_variance.clamp_min(1e-12)
             return (projected.pow(2) / variance).sum(dim=1) + variance.log().sum(), None
-        error = (flat - pca.inverse_transform(projected)).pow(2)
-        error_map = error.view(flat.shape[0], *self._feature_grid()).sum(dim=1, keepdim=True)
+        return self._reconstruction_scores(flat, pca.inverse_transform(projected), self._feature_grid(), size)
+
+    def _reconstruction_scores(
+        self, flat: torch.Tensor, reconstruction: torch.Tensor, grid: tuple[int, ...], size: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fre``: scores [B] and maps [B, *size] from flattened features [B, C*h*w] of ``grid`` (C, h, w)
+        and their PCA reconstruction."""
+        error = (flat - reconstruction).pow(2)
+        error_map = error.view(flat.shape[0], *grid).sum(dim=1, keepdim=True)
         amap = interpolate(error_map, size=size, mode="bilinear", align_corners=False).squeeze(1)
         return error.sum(dim=1), amap
 

@@ -17,6 +17,7 @@ from oddeye.models.components import (
     GaussianBlur2d,
     MultiVariateGaussian,
     TimmFeatureExtractor,
+    mahalanobis_heads,
 )
 from oddeye.progress import progress_bar
 
@@ -124,8 +125,23 @@ class Padim(AnomalyModel):
     @torch.no_grad()
     def score_embedding(self, embedding: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The head: Mahalanobis distances of ``embedding`` [B, n_features, h, w], upsampled to ``size`` and blurred."""
-        b, _, h, w = embedding.shape
-        amap = self.gaussian(embedding.flatten(2)).view(b, 1, h, w)
-        amap = interpolate(amap, size=size, mode="bilinear", align_corners=False)
+        return self._maps(self.gaussian(embedding.flatten(2)), embedding.shape, size)
+
+    @classmethod
+    @torch.no_grad()
+    def score_embedding_heads(
+        cls, heads: Sequence[AnomalyModel], embedding: torch.Tensor, index: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head at once: each row's Mahalanobis distances to its own head's Gaussians, one batched pass."""
+        gaussians = [h.gaussian for h in heads]  # type: ignore[attr-defined]
+        distances = mahalanobis_heads(embedding.flatten(2), gaussians, index)
+        return heads[0]._maps(distances, embedding.shape, size)  # type: ignore[attr-defined]
+
+    def _maps(
+        self, distances: torch.Tensor, shape: torch.Size, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score [B] and map [B, *size] from the distances [B, h*w] of embeddings of ``shape`` [B, C, h, w]."""
+        b, _, h, w = shape
+        amap = interpolate(distances.view(b, 1, h, w), size=size, mode="bilinear", align_corners=False)
         amap = self.blur(amap).squeeze(1)
         return amap.flatten(1).amax(dim=1), amap

@@ -118,10 +118,34 @@ class Patchcore(AnomalyModel):
         """The head: nearest-bank distances of the patch features ``embedding`` [B, C, h, w], maps at ``size``."""
         if not self.memory_bank.fitted:
             raise RuntimeError("patchcore: the memory bank is empty; fit the model or load a checkpoint")
+        score, patch_scores = self._patch_scores(embedding)
+        return score, self._maps(patch_scores, embedding.shape, size)
+
+    @classmethod
+    @torch.no_grad()
+    def score_embedding_heads(
+        cls, heads: Sequence[AnomalyModel], embedding: torch.Tensor, index: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head searches its own memory bank for its own rows (banks differ in size, can be large, and
+        the search is chunked per bank), then every row's map is upsampled and blurred in one pass."""
+        models: list[Patchcore] = list(heads)  # type: ignore[arg-type]
+        score = embedding.new_empty(embedding.shape[0])
+        patch_scores = embedding.new_empty(embedding.shape[0], embedding.shape[2] * embedding.shape[3])
+        for k, model in enumerate(models):
+            rows = (index == k).nonzero().squeeze(1)
+            score[rows], patch_scores[rows] = model._patch_scores(embedding.index_select(0, rows))
+        return score, models[0]._maps(patch_scores, embedding.shape, size)
+
+    def _patch_scores(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores [B] and patch scores [B, h*w] of patch features ``embedding`` [B, C, h, w]."""
         b, c, h, w = embedding.shape
         queries = embedding.permute(0, 2, 3, 1).reshape(b, h * w, c)
         distances, locations = self.memory_bank(queries.reshape(-1, c), k=1)
         patch_scores = distances.view(b, h * w)
-        score = self._image_score(queries, patch_scores, locations.view(b, h * w))
+        return self._image_score(queries, patch_scores, locations.view(b, h * w)), patch_scores
+
+    def _maps(self, patch_scores: torch.Tensor, shape: torch.Size, size: tuple[int, int]) -> torch.Tensor:
+        """Maps [B, *size]: patch scores [B, h*w] of embeddings of ``shape`` [B, C, h, w], upsampled and blurred."""
+        b, _, h, w = shape
         amap = interpolate(patch_scores.view(b, 1, h, w), size=size, mode="bilinear", align_corners=False)
-        return score, self.blur(amap).squeeze(1)
+        return self.blur(amap).squeeze(1)
