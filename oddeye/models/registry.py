@@ -53,8 +53,6 @@ def _load_model_module(name: str) -> None:
     is one: a model actor then loads its own model's dependencies, not the whole zoo (timm, FrEIA,
     open_clip ... cost seconds of start-up per actor)."""
     for package in _PACKAGES:
-        if importlib.util.find_spec(package) is None:
-            continue
         if importlib.util.find_spec(f"{package}.{name}") is not None:
             importlib.import_module(f"{package}.{name}")
             return

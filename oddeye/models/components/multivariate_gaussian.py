@@ -189,11 +189,12 @@ def mahalanobis_heads(
     groups = HeadGroups(index.to(device), len(gaussians))
     means = [g.mean_t() for g in gaussians]  # [N, C] each
     x = embedding.to(dtype).permute(0, 2, 1)  # [B, N, C]
+    heads = groups.index.tolist()
     out = torch.empty(b, n, dtype=dtype, device=device)
     step = max(1, chunk_size // max(len(gaussians) * groups.width * c, 1))
     for start in range(0, n, step):
         stop = min(start + step, n)
-        mean = torch.stack([means[k][start:stop] for k in groups.index.tolist()])  # [B, n, C]: each row's head
+        mean = torch.stack([means[k][start:stop] for k in heads])  # [B, n, C]: each row's head
         delta = groups.pad(torch.sub(x[:, start:stop], mean))  # [K, width, n, C]
         delta = delta.transpose(1, 2).contiguous()  # [K, n, width, C]: contiguous for the batched matmuls
         projected = torch.empty_like(delta)
