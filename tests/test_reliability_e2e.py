@@ -245,9 +245,13 @@ def test_rebalance_with_frames_in_flight_loses_nothing(kafka_broker, tmp_path: P
     cfg = _config(tmp_path, ckpt, _kafka_source(kafka_broker.bootstrap, topic, group), [{"type": "jsonl"}])
     scores = tmp_path / "out" / "scores.jsonl"
     log_path = tmp_path / "run.log"
+    # The idle timeout must outlast a rebalance: kafka-python drains one partition before the next, so
+    # the partition handed to the other member is often one oddeye has not started, and oddeye may
+    # finish the other before the group settles (the other member's leave, then a rejoin: seconds on a
+    # loaded machine). Stopping then loses nothing (its offsets stay uncommitted) but ends the run early.
     with log_path.open("w") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "oddeye.cli", "run", str(cfg), "--out", "out", "--idle-timeout", "8"],
+            [sys.executable, "-m", "oddeye.cli", "run", str(cfg), "--out", "out", "--idle-timeout", "20"],
             cwd=tmp_path, stdout=logf, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
