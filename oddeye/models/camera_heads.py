@@ -46,6 +46,7 @@ from oddeye.models.base import (
     model_params,
     read_checkpoint,
 )
+from oddeye.models.components.head_groups import HeadGroups
 
 __all__ = ["HEAD_DTYPES", "CameraHeads", "LoadedHead", "camera_dirname", "split_models"]
 
@@ -365,8 +366,9 @@ class CameraHeads:
             return pred, versions
         score = torch.empty(len(keys), device=x.device)
         maps: torch.Tensor | None = None
+        groups = HeadGroups(index, len(models))
         for k, model in enumerate(models):  # no batched form: each head scores its own rows
-            sel = (index == k).nonzero().squeeze(1)
+            sel = groups.rows(k)
             pred = model.forward_embedding(embedding.index_select(0, sel), size)
             score[sel] = pred.score.to(score.dtype)
             if pred.anomaly_map is not None:

@@ -41,6 +41,21 @@ def test_knn_of_rows_searching_their_own_banks_matches_knn(chunk_size: int, k: i
         knn_heads(queries, [banks[0], banks[1][:30], banks[2]], index)
 
 
+@pytest.mark.parametrize("chunk_size", [64, 1 << 24])
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_knn_searches_each_rows_own_bank(chunk_size: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    banks = torch.randn(3, 70, 8, generator=gen) + torch.arange(3.0).view(3, 1, 1)
+    queries = torch.randn(3, 20, 8, generator=gen)
+    distances, indices = knn(queries, banks, k=k, chunk_size=chunk_size)
+    for row in range(3):
+        expected = torch.cdist(queries[row], banks[row]).topk(k, dim=1, largest=False)
+        assert torch.equal(indices[row], expected.indices)
+        torch.testing.assert_close(distances[row], expected.values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[n, M, D\]"):
+        knn(queries[:2], banks, k=k)
+
+
 def test_knn_distances_are_exact_for_near_duplicates() -> None:
     # Large norms and tiny offsets: the expanded |q|²+|b|²-2q·b form alone would lose these.
     # (Offsets are powers of two, so the float32 inputs hold them exactly.)

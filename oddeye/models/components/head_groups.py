@@ -2,7 +2,8 @@
 
 A batch mixing cameras is scored by several heads of one model. Padding each head's rows to
 the largest group gives [K, width, ...] tensors, so that one batched matmul over the heads
-reads each head's state once for all its rows (``mahalanobis_heads``, DFM's PCA).
+reads each head's state once for all its rows (``mahalanobis_heads``, DFM's PCA); ``rows(k)``
+serves heads that score their own rows one head at a time.
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ class HeadGroups:
         self.index = index
         self.heads = heads
         self.width = int(counts.max())
+        starts = counts.cumsum(0) - counts
         self.slot = torch.empty_like(index)
-        self.slot[order] = torch.arange(len(index), device=index.device) - (counts.cumsum(0) - counts)[index[order]]
+        self.slot[order] = torch.arange(len(index), device=index.device) - starts[index[order]]
+        self._order = order
+        self._bounds = list(zip(starts.tolist(), (starts + counts).tolist(), strict=True))
+
+    def rows(self, k: int) -> torch.Tensor:
+        """Batch positions [n_k] of head ``k``'s rows, in batch order (empty when it has none)."""
+        start, stop = self._bounds[k]
+        return self._order[start:stop]
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """[B, ...] → [K, width, ...]: each head's rows, zeros after them."""

@@ -60,52 +60,66 @@ def knn(
     Returns distances [Q, k] (Euclidean, or squared with ``squared``) in increasing
     order and their indices [Q, k] into the bank. Working memory is bounded by
     ``chunk_size`` distance elements plus the [Q, k] results.
+
+    Batched: ``queries`` [n, Q, D] and ``bank`` [n, M, D] search each batch row's own bank
+    (per-camera heads) in batched matmuls, and return [n, Q, k].
     """
-    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+    batched = bank.ndim == 3
+    if batched:
+        if queries.ndim != 3 or queries.shape[0] != bank.shape[0] or queries.shape[2] != bank.shape[2]:
+            raise ValueError(
+                f"expected queries [n, Q, D] and banks [n, M, D], got {tuple(queries.shape)} and {tuple(bank.shape)}"
+            )
+    elif queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"expected queries [Q, D] and bank [M, D], got {tuple(queries.shape)} and {tuple(bank.shape)}")
-    n_queries, n_bank = queries.shape[0], bank.shape[0]
+    else:
+        queries, bank = queries.unsqueeze(0), bank.unsqueeze(0)
+    n, n_queries, dim = queries.shape
+    n_bank = bank.shape[1]
     if not 1 <= k <= n_bank:
         raise ValueError(f"k must be between 1 and the bank size {n_bank}, got {k}")
     queries = queries.to(device=bank.device, dtype=bank.dtype)
-    out_d = torch.empty(n_queries, k, dtype=bank.dtype, device=bank.device)
-    out_i = torch.empty(n_queries, k, dtype=torch.long, device=bank.device)
-    if n_queries == 0:
-        return out_d, out_i
-    query_block, bank_block = _block_sizes(n_queries, n_bank, bank.shape[1], k, chunk_size)
-    # Distances do not change under a shift; centring on the bank's mean keeps the expanded form
-    # accurate for features that share a large offset (as post-ReLU CNN features do).
-    centre = bank.mean(dim=0)
-    whole = bank - centre if bank_block >= n_bank else None
-    whole_sq = whole.pow(2).sum(dim=1) if whole is not None else None
-    for qs in range(0, n_queries, query_block):
-        q = queries[qs : qs + query_block]
-        qc = q - centre
-        best_d: torch.Tensor | None = None
-        best_i: torch.Tensor | None = None
-        for bs in range(0, n_bank, bank_block):
-            block = whole if whole is not None else bank[bs : bs + bank_block] - centre
-            block_sq = whole_sq if whole_sq is not None else block.pow(2).sum(dim=1)
-            # |q|² is the same for every bank row: rank by |b|² - 2 q·b (one pass over the block, no
-            # clamp); the winners' distances are recomputed exactly below.
-            d2 = torch.addmm(block_sq.unsqueeze(0), qc, block.T, beta=1, alpha=-2)
-            if k == 1:
-                d, i = d2.min(dim=1, keepdim=True)
-            else:
-                d, i = d2.topk(min(k, block.shape[0]), dim=1, largest=False)
-            i += bs
-            if best_d is None:
-                best_d, best_i = d, i
-            else:
-                d, pos = torch.cat([best_d, d], dim=1).topk(k, dim=1, largest=False)
-                best_i = torch.cat([best_i, i], dim=1).gather(1, pos)
-                best_d = d
-        assert best_i is not None
-        # The expanded form loses precision for nearby points: recompute the k winners exactly.
-        exact = (q.unsqueeze(1) - bank[best_i]).pow(2).sum(dim=2)
-        exact, order = exact.sort(dim=1)
-        out_d[qs : qs + query_block] = exact
-        out_i[qs : qs + query_block] = best_i.gather(1, order)
-    return (out_d if squared else out_d.sqrt_()), out_i
+    out_d = torch.empty(n, n_queries, k, dtype=bank.dtype, device=bank.device)
+    out_i = torch.empty(n, n_queries, k, dtype=torch.long, device=bank.device)
+    if n_queries > 0 and n > 0:
+        query_block, bank_block = _block_sizes(n_queries, n_bank, dim, k, max(1, chunk_size // n))
+        # Distances do not change under a shift; centring on the bank's mean keeps the expanded form
+        # accurate for features that share a large offset (as post-ReLU CNN features do).
+        centre = bank.mean(dim=1, keepdim=True)
+        whole = bank - centre if bank_block >= n_bank else None
+        whole_sq = whole.pow(2).sum(dim=2) if whole is not None else None
+        own = torch.arange(n, device=bank.device).view(-1, 1, 1)
+        for qs in range(0, n_queries, query_block):
+            q = queries[:, qs : qs + query_block]
+            qc = q - centre
+            best_d: torch.Tensor | None = None
+            best_i: torch.Tensor | None = None
+            for bs in range(0, n_bank, bank_block):
+                block = whole if whole is not None else bank[:, bs : bs + bank_block] - centre
+                block_sq = whole_sq if whole_sq is not None else block.pow(2).sum(dim=2)
+                # |q|² is the same for every bank row: rank by |b|² - 2 q·b (one pass over the block, no
+                # clamp); the winners' distances are recomputed exactly below.
+                d2 = torch.baddbmm(block_sq.unsqueeze(1), qc, block.transpose(1, 2), alpha=-2)
+                if k == 1:
+                    d, i = d2.min(dim=2, keepdim=True)
+                else:
+                    d, i = d2.topk(min(k, block.shape[1]), dim=2, largest=False)
+                i += bs
+                if best_d is None:
+                    best_d, best_i = d, i
+                else:
+                    d, pos = torch.cat([best_d, d], dim=2).topk(k, dim=2, largest=False)
+                    best_i = torch.cat([best_i, i], dim=2).gather(2, pos)
+                    best_d = d
+            assert best_i is not None
+            # The expanded form loses precision for nearby points: recompute the k winners exactly.
+            exact = (q.unsqueeze(2) - bank[own, best_i]).pow(2).sum(dim=3)
+            exact, order = exact.sort(dim=2)
+            out_d[:, qs : qs + query_block] = exact
+            out_i[:, qs : qs + query_block] = best_i.gather(2, order)
+    if not squared:
+        out_d.sqrt_()
+    return (out_d, out_i) if batched else (out_d[0], out_i[0])
 
 
 @torch.no_grad()
@@ -117,34 +131,23 @@ def knn_heads(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Distances [B, Q, k] (Euclidean, increasing) from each row ``i`` of ``queries`` [B, Q, D] to its ``k``
-    nearest rows of ``banks[index[i]]``: ``knn`` for a batch whose rows search different banks of one size
-    [M, D] (per-camera heads), in batched matmuls over rows instead of one search per bank.
+    nearest rows of ``banks[index[i]]`` (per-camera heads' banks, of one size [M, D]).
 
-    As ``knn``: ranked on bank-centred expanded distances, the winners' distances recomputed exactly.
-    Rows go a block at a time with their banks gathered (about ``chunk_size`` elements of distances or
-    banks): each bank row serves all Q queries of a row, so the copy is small beside the search.
+    Rows go a block at a time to the batched ``knn``, their banks gathered (about ``chunk_size``
+    elements of distances or banks): each bank row serves all Q queries of a row, so the copy is
+    small beside the search.
     """
     if len({tuple(bank.shape) for bank in banks}) != 1 or queries.ndim != 3 or queries.shape[2] != banks[0].shape[1]:
         raise ValueError(f"expected queries [B, Q, D] and banks [M, D] of one shape, got {tuple(queries.shape)}")
     b, q, _ = queries.shape
-    m = banks[0].shape[0]
-    if not 1 <= k <= m:
-        raise ValueError(f"k must be between 1 and the bank size {m}, got {k}")
-    device, dtype = banks[0].device, banks[0].dtype
-    queries = queries.to(device=device, dtype=dtype)
+    m, dim = banks[0].shape
     heads = index.tolist()
-    out = torch.empty(b, q, k, dtype=dtype, device=device)
-    rows = max(1, chunk_size // max(q * m, m * banks[0].shape[1], 1))
+    out = torch.empty(b, q, k, dtype=banks[0].dtype, device=banks[0].device)
+    rows = max(1, chunk_size // max(q * m, m * dim, 1))
     for start in range(0, b, rows):
         bank = torch.stack([banks[i] for i in heads[start : start + rows]])  # [n, M, D]: each row's bank
-        x = queries[start : start + rows]
-        centre = bank.mean(dim=1, keepdim=True)
-        centred = bank - centre
-        d2 = torch.baddbmm(centred.pow(2).sum(dim=2).unsqueeze(1), x - centre, centred.transpose(1, 2), alpha=-2)
-        best = d2.min(dim=2, keepdim=True)[1] if k == 1 else d2.topk(k, dim=2, largest=False)[1]  # [n, Q, k]
-        nearest = bank[torch.arange(len(bank), device=device).view(-1, 1, 1), best]  # [n, Q, k, D]
-        out[start : start + rows] = (x.unsqueeze(2) - nearest).pow(2).sum(dim=3).sort(dim=2)[0]
-    return out.sqrt_()
+        out[start : start + rows] = knn(queries[start : start + rows], bank, k=k, chunk_size=chunk_size)[0]
+    return out
 
 
 class MemoryBank(DynamicBufferMixin):

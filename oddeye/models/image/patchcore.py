@@ -14,7 +14,7 @@ import torch
 from torch.nn.functional import avg_pool2d, interpolate, softmax
 
 from oddeye.models.base import AnomalyModel, FitError, register
-from oddeye.models.components import GaussianBlur2d, KCenterGreedy, MemoryBank, TimmFeatureExtractor
+from oddeye.models.components import GaussianBlur2d, HeadGroups, KCenterGreedy, MemoryBank, TimmFeatureExtractor
 from oddeye.progress import progress_bar
 
 __all__ = ["Patchcore"]
@@ -131,8 +131,9 @@ class Patchcore(AnomalyModel):
         models: list[Patchcore] = list(heads)  # type: ignore[arg-type]
         score = embedding.new_empty(embedding.shape[0])
         patch_scores = embedding.new_empty(embedding.shape[0], embedding.shape[2] * embedding.shape[3])
+        groups = HeadGroups(index, len(models))
         for k, model in enumerate(models):
-            rows = (index == k).nonzero().squeeze(1)
+            rows = groups.rows(k)
             score[rows], patch_scores[rows] = model._patch_scores(embedding.index_select(0, rows))
         return score, models[0]._maps(patch_scores, embedding.shape, size)
 
