@@ -340,6 +340,15 @@ class ModelConfig(_Section):
         return v
 
     @model_validator(mode="after")
+    def _precision_fits_device(self) -> ModelConfig:
+        if self.precision == "float16" and self.device == "cpu":
+            raise ValueError(
+                "precision: float16 is for CUDA devices (the CPU has no fast float16 kernels); "
+                "on device: cpu use bfloat16, float32 or auto"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _known_model(self) -> ModelConfig:
         from oddeye.models.base import list_models, model_params
 

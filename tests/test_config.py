@@ -43,6 +43,8 @@ def test_bad_values_name_the_path() -> None:
         parse_config({})
     with pytest.raises(ConfigError, match=r"model\.device"):
         parse_config({"sources": [{"type": "synthetic"}], "model": {"device": "gpu0"}})
+    with pytest.raises(ConfigError, match=r"model.*float16 is for CUDA"):
+        parse_config({"sources": [{"type": "synthetic"}], "model": {"device": "cpu", "precision": "float16"}})
 
 
 def test_env_expansion_and_defaults() -> None:

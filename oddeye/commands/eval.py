@@ -76,27 +76,26 @@ def _model_for(cfg: Any, name: str, refit: bool, fit_images: Any, several: bool 
     """The category's fitted model: loaded from its checkpoint, or fitted (``fit_images()``) and saved."""
     from oddeye.models.base import load_model
     from oddeye.pipeline.fit import category_checkpoint
-    from oddeye.pipeline.scoring import resolve_device
 
     ckpt = category_checkpoint(cfg.model.checkpoint, name, several)
     if ckpt.is_file() and not refit:
         log.info("eval: %s: loading %s", name, ckpt)
         model = load_model(ckpt, expect=cfg.model.name)
-        return _prepared(model, resolve_device(cfg.model.device), cfg.model.precision), None
+        return _prepared(model, cfg), None
     log.info("eval: %s: no checkpoint at %s, fitting", name, ckpt)
     t0 = time.perf_counter()
     model = fit_images(ckpt)
     fit_s = time.perf_counter() - t0
-    return _prepared(model, resolve_device(cfg.model.device), cfg.model.precision), fit_s
+    return _prepared(model, cfg), fit_s
 
 
-def _prepared(model: Any, device: Any, precision: str = "auto") -> Any:
-    """Image models score with the same speed-ups as the live model actor (channels_last, autocast where it wins)."""
-    from oddeye.models.inference import prepare_for_inference
+def _prepared(model: Any, cfg: Any) -> Any:
+    """The model prepared as the live model actor prepares it (channels_last, batch-norm folding,
+    ``model.precision``, ``model.compile``): eval measures what ``oddeye run`` scores with."""
+    from oddeye.pipeline.scoring import prepare_model, resolve_device
 
-    if getattr(model, "is_video", False):
-        return model.to(device)
-    return prepare_for_inference(model, device, precision=precision)
+    prepare_model(model, resolve_device(cfg.model.device), cfg.model.precision, cfg.model.compile)
+    return model
 
 
 def _eval_images(cfg: Any, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
