@@ -15,7 +15,7 @@ from oddeye.models.base import AnomalyModel, FitError, create_model, get_model_c
 from oddeye.models.camera_heads import CameraHeads, LoadedHead
 from oddeye.pipeline.builders import build_source
 from oddeye.pipeline.ingest import prepare_frame
-from oddeye.pipeline.scoring import resolve_device
+from oddeye.pipeline.scoring import prepare_model, resolve_device
 from oddeye.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,9 @@ def fit_camera_heads(
     device = resolve_device(cfg.model.device)
     m = cfg.model
     heads = CameraHeads.open(m.directory, m.name, m.params, m.image_size, device, m.head_dtype)
+    # The shared backbone as the model actors run it (folded batch norms, precision): heads learn the
+    # very features they will score.
+    prepare_model(heads.template, device, m.precision, m.compile)
     by_camera = collect_camera_images(cfg, cameras, progress)
     for cam in cameras or []:
         if len(by_camera.get(cam, ())) < 2:
