@@ -31,6 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import queue
 import resource
 import sys
 import tempfile
@@ -219,7 +220,21 @@ def in_process(fn: Any, *args: Any) -> dict[str, Any]:
     q = ctx.Queue()
     p = ctx.Process(target=fn, args=(*args, q))
     p.start()
-    result = q.get()
+    while True:  # a child that dies without a result (an exception, the OOM killer) ends the wait
+        try:
+            result = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if p.is_alive():
+                continue
+            try:  # it may have exited just after putting its result
+                result = q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                p.join()
+                raise RuntimeError(
+                    f"{fn.__name__}: the child process exited {p.exitcode} without a result (its traceback is above)"
+                ) from None
     p.join()
     return result
 
