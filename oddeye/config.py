@@ -234,10 +234,45 @@ class FitConfig(_Section):
     auto: bool = False
     """``oddeye run`` fits first when ``model.checkpoint`` does not exist yet (demos, first start)."""
     max_frames: int = Field(200, ge=2)
+    max_seconds: float | None = Field(None, gt=0)
+    """scope camera, ``on_missing: fit``: also start a new camera's fit once its stream has run this long
+    (frame timestamps; at least 2 frames kept), so a camera is learnt from its first N minutes or frames."""
     stride: int = Field(1, ge=1)
     """Keep every ``stride``-th frame of the fit source, so a fixed number of frames spans more of the scene."""
     val_fraction: float = Field(0.2, gt=0, lt=1)
     batch_size: int = Field(16, ge=1)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class RefitConfig(_Section):
+    """scope camera: scheduled refits of each camera's head from the frames it scored normal."""
+
+    every: float | None = None
+    """Seconds (or ``30m``, ``6h``, ``1d``) between a head's refits; None: never."""
+    max_frames: int = Field(200, ge=4)
+    """Normal-scored frames kept per camera between refits (an even sample of the period)."""
+    min_frames: int = Field(20, ge=4)
+    """Fewer normal frames than this at a refit's time: the refit waits for the next period."""
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the kept frames the refit does not learn from: its guard's validation frames."""
+    max_alert_rate_increase: float = Field(0.0, ge=0, le=1)
+    """The guard: a new head whose alert rate on the validation frames exceeds the current head's by
+    more than this is rejected (logged and counted), and the current head stays."""
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = _DURATION.fullmatch(v)
+            if m is None:
+                raise ValueError(f"every: {v!r} is not a duration; give seconds or e.g. 30m, 6h, 1d")
+            v = float(m.group(1)) * _UNIT_S[m.group(2) or "s"]
+        if v is not None and not float(v) > 0:
+            raise ValueError("every must be > 0 seconds (or null: no scheduled refits)")
+        return v
 
 
 class CameraGroupConfig(_Section):
@@ -547,6 +582,7 @@ class OddeyeConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     sources: list[SourceConfig] = Field(min_length=1)
     fit: FitConfig = Field(default_factory=FitConfig)
+    refit: RefitConfig = Field(default_factory=RefitConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
@@ -572,6 +608,15 @@ class OddeyeConfig(_Section):
                     raise ValueError(
                         f"model.groups: camera {cam!r} matches both group {hits[0]!r} and group {hits[1]!r}"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _refit_needs_camera_scope(self) -> OddeyeConfig:
+        if self.refit.every is not None and self.model.scope != "camera":
+            raise ValueError(
+                "refit.every: scheduled refits are of per-camera heads; set model.scope: camera "
+                "(with one pipeline model, refit with `oddeye fit` and restart)"
+            )
         return self
 
     @model_validator(mode="after")

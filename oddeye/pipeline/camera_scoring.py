@@ -9,8 +9,17 @@
   skipped, reason ``fitting``; a head is then fitted on a background thread (other cameras go on
   scoring), written to the directory as a new version, and the camera scores from then on.
 
+  With ``fit.max_seconds`` the fit also starts once the camera's stream has run that long (its
+  first N minutes or frames, whichever comes first).
+
 Every ``model.refresh_s`` the worker looks for newer versions of its heads (``oddeye fit --camera``,
 or another replica's fit) and swaps them in; swaps are logged and counted.
+
+With ``refit.every``, each head is refitted on that schedule from an even sample of the frames it
+scored normal (below the lowest alert threshold) since the last refit. A guard holds back
+``refit.val_fraction`` of them: a new head that alerts on more of those frames than the current
+head does (beyond ``refit.max_alert_rate_increase``) is rejected and the current head stays.
+Accepted and rejected refits are logged and counted.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import logging
 import os
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oddeye.config import ConfigError, ModelConfig, OddeyeConfig
+from oddeye.config import ConfigError, ModelConfig, OddeyeConfig, RefitConfig
 from oddeye.frames import Frame, Prediction
 from oddeye.models.base import AnomalyModel, CheckpointError, load_model
 from oddeye.models.camera_heads import CameraHeads, LoadedHead
@@ -58,6 +68,29 @@ class _Rows:
         self.labels = np.zeros(self.n, bool)
 
 
+class _Sample:
+    """An even random sample (reservoir) of at most ``size`` frames from a stream of any length, in arrival order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seen = 0
+        self.frames: dict[int, np.ndarray] = {}  # arrival number → frame
+        self._rng = np.random.default_rng(seed)
+
+    def offer(self, image: np.ndarray) -> None:
+        self.seen += 1
+        if len(self.frames) < self.size:
+            self.frames[self.seen] = np.array(image, copy=True)
+            return
+        j = int(self._rng.integers(self.seen))
+        if j < self.size:  # replaces a random kept frame: every frame so far is kept with probability size/seen
+            del self.frames[sorted(self.frames)[j]]
+            self.frames[self.seen] = np.array(image, copy=True)
+
+    def images(self) -> np.ndarray:
+        return np.stack([self.frames[k] for k in sorted(self.frames)])
+
+
 class CameraHeadsWorker(ModelWorker):
     """Scores batches with per-camera heads on one shared backbone (see the module docstring)."""
 
@@ -75,9 +108,12 @@ class CameraHeadsWorker(ModelWorker):
         fit_folds: int = 5,
         precision: str = "auto",
         compile: bool = False,
+        fit_max_seconds: float | None = None,
+        refit: RefitConfig | None = None,
     ) -> None:
         """``precision`` and ``compile`` as for ``ModelWorker``: they apply to the shared backbone (and the
-        default model); the heads score in float32 on the backbone's float32 features, as before."""
+        default model); the heads score in float32 on the backbone's float32 features, as before.
+        ``fit_max_seconds``: ``fit.max_seconds``; ``refit``: the scheduled refits (``refit.every``)."""
         self._setup(device, num_threads, map_threshold, labels_alert)
         self.config = model
         self.on_missing = model.on_missing or "skip"
@@ -110,9 +146,16 @@ class CameraHeadsWorker(ModelWorker):
         self.fit_stride = max(1, int(fit_stride))
         self.fit_batch_size = int(fit_batch_size)
         self.fit_folds = int(fit_folds)
+        self.fit_max_seconds = fit_max_seconds
+        self.refit = refit if refit is not None and refit.every is not None else None
         self.swaps: dict[str, int] = {}
+        self.refits: dict[str, dict[str, int]] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._buffer_seen: dict[str, int] = {}
+        self._buffer_start: dict[str, float] = {}
+        self._normal: dict[str, _Sample] = {}
+        self._next_refit: dict[str, float] = {}
+        self._refit_jobs: dict[str, Future[LoadedHead | None]] = {}
         self._fits: dict[str, Future[LoadedHead]] = {}
         self._fit_failed: dict[str, str] = {}
         self._fitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-fit")
@@ -162,6 +205,10 @@ class CameraHeadsWorker(ModelWorker):
             self._missing_until.pop(key, None)
             self._buffers.pop(key, None)
             log.info("%s: head v%d fitted from the stream; scoring starts", key, loaded.version)
+        for key, job in list(self._refit_jobs.items()):
+            if job.done():
+                del self._refit_jobs[key]
+                self._refit_done(key, job)
         if time.monotonic() < self._next_refresh:
             return
         self._next_refresh = time.monotonic() + self.config.refresh_s
@@ -170,17 +217,21 @@ class CameraHeadsWorker(ModelWorker):
             self.swaps[key] = self.swaps.get(key, 0) + 1
             log.warning("%s: hot swap of its head v%d → v%d", key, old, new)
 
-    def _buffer_for_fit(self, key: str, image: np.ndarray) -> None:
-        """Keep a frame of a camera being learnt; start the background fit once enough are kept."""
+    def _buffer_for_fit(self, key: str, image: np.ndarray, ts: float) -> None:
+        """Keep a frame of a camera being learnt; start the background fit once enough are kept (or, with
+        ``fit.max_seconds``, once its stream has run that long)."""
         if key in self._fits or key in self._fit_failed:
             return
         n = self._buffer_seen[key] = self._buffer_seen.get(key, 0) + 1
+        start = self._buffer_start.setdefault(key, ts)
         frames = self._buffers.setdefault(key, [])
         if (n - 1) % self.fit_stride == 0 and len(frames) < self.fit_max_frames:
             frames.append(np.array(image, copy=True))
-        if len(frames) >= self.fit_max_frames:
+        timed_out = self.fit_max_seconds is not None and ts - start >= self.fit_max_seconds and len(frames) >= 2
+        if len(frames) >= self.fit_max_frames or timed_out:
             images = np.stack(frames)
-            log.info("%s: %d frames kept; fitting its %s head in the background", key, len(images), self.name)
+            why = f"{ts - start:.0f} s of its stream" if timed_out and len(frames) < self.fit_max_frames else "enough"
+            log.info("%s: %d frames kept (%s); fitting its %s head in the background", key, len(images), why, self.name)
             self._fits[key] = self._fitter.submit(self._fit, key, images)
 
     def _fit(self, key: str, images: np.ndarray) -> LoadedHead:
@@ -191,11 +242,107 @@ class CameraHeadsWorker(ModelWorker):
         head = self.heads.fit_head(batches, folds=self.fit_folds)
         return self.heads.save_head(key, head)
 
-    def fit_progress(self, key: str) -> float:
-        """1 once the key has a head; else the share of its fit frames kept so far."""
+    def fit_progress(self, key: str, ts: float | None = None) -> float:
+        """1 once the key has a head; else the share of its fit frames kept (or of ``fit.max_seconds``
+        passed, at stream time ``ts``) so far, whichever is further."""
         if key in self.heads.loaded():
             return 1.0
-        return min(1.0, len(self._buffers.get(key, ())) / self.fit_max_frames) if self.on_missing == "fit" else 0.0
+        if self.on_missing != "fit":
+            return 0.0
+        share = len(self._buffers.get(key, ())) / self.fit_max_frames
+        if self.fit_max_seconds is not None and ts is not None and key in self._buffer_start:
+            share = max(share, (ts - self._buffer_start[key]) / self.fit_max_seconds)
+        return min(1.0, share)
+
+    # ------------------------------------------------------------------ scheduled refits
+    def _keep_normal(self, key: str, image: np.ndarray) -> None:
+        """A frame its head scored normal: into the key's sample for its next refit; the refit starts when due."""
+        assert self.refit is not None
+        now = time.monotonic()
+        due = self._next_refit.setdefault(key, now + self.refit.every)  # type: ignore[operator]
+        self._normal.setdefault(key, _Sample(self.refit.max_frames, seed=zlib.crc32(key.encode()))).offer(image)
+        if now < due or key in self._refit_jobs or key in self._fits:
+            return
+        self._next_refit[key] = now + self.refit.every  # type: ignore[operator]
+        sample = self._normal.pop(key)
+        if len(sample.frames) < self.refit.min_frames:
+            log.info(
+                "%s: scheduled refit skipped: %d frames scored normal since the last one (refit.min_frames %d)",
+                key,
+                len(sample.frames),
+                self.refit.min_frames,
+            )
+            self._count_refit(key, "skipped")
+            return
+        current = self.heads.get(key)
+        if current is None:
+            return
+        log.info("%s: scheduled refit of head v%d on %d normal frames", key, current.version, len(sample.frames))
+        self._refit_jobs[key] = self._fitter.submit(self._guarded_refit, key, sample.images(), current.model)
+
+    def _guarded_refit(self, key: str, images: np.ndarray, current: AnomalyModel) -> LoadedHead | None:
+        """Fit a new head on most of ``images`` (frames scored normal) and keep it only if it alerts on the
+        held-back rest no more often than ``current`` does; returns the saved head, or None if rejected."""
+        assert self.refit is not None
+        n_val = max(1, round(len(images) * self.refit.val_fraction))
+        order = np.random.default_rng(zlib.crc32(key.encode()) + len(images)).permutation(len(images))
+        return self._guarded_refit_split(key, images[order[n_val:]], images[order[:n_val]], current)
+
+    def _guarded_refit_split(
+        self, key: str, train: np.ndarray, val: np.ndarray, current: AnomalyModel
+    ) -> LoadedHead | None:
+        """``_guarded_refit`` with its frames already split into ``train`` and the guard's ``val``."""
+        assert self.refit is not None
+        batches = [
+            self.images_to_tensor(train[i : i + self.fit_batch_size]) for i in range(0, len(train), self.fit_batch_size)
+        ]
+        candidate = self.heads.fit_head(batches, folds=self.fit_folds)
+        x = self.images_to_tensor(val)
+        rates = [self._alert_rate(model, x) for model in (current, candidate)]
+        if rates[1] > rates[0] + self.refit.max_alert_rate_increase:
+            log.warning(
+                "%s: refit rejected: the new head alerts on %.0f%% of %d held-back normal frames, the current on "
+                "%.0f%% (refit.max_alert_rate_increase %.2f); the current head stays",
+                key,
+                100 * rates[1],
+                len(val),
+                100 * rates[0],
+                self.refit.max_alert_rate_increase,
+            )
+            return None
+        return self.heads.save_head(key, candidate)
+
+    @torch.inference_mode()
+    def _alert_rate(self, model: AnomalyModel, x: torch.Tensor) -> float:
+        """Share of ``x``'s frames that would alert: at or above the lowest alert threshold (or, with
+        ``threshold: auto``, labelled anomalous by the model)."""
+        pred = model(x)
+        alerting = pred.score.float() >= self.map_threshold
+        if self.labels_alert and pred.label is not None:
+            alerting |= pred.label.bool()
+        return float(alerting.float().mean())
+
+    def _refit_done(self, key: str, job: Future[LoadedHead | None]) -> None:
+        try:
+            loaded = job.result()
+        except Exception as e:  # a failed refit keeps the current head
+            log.error("%s: scheduled refit failed (%s: %s); the current head stays", key, type(e).__name__, e)
+            self._count_refit(key, "failed")
+            return
+        if loaded is None:
+            self._count_refit(key, "rejected")
+            return
+        old = self.heads.get(key)
+        self.heads.install(loaded)
+        self.swaps[key] = self.swaps.get(key, 0) + 1
+        self._count_refit(key, "accepted")
+        log.warning(
+            "%s: refit accepted: hot swap of its head v%d → v%d", key, old.version if old else 0, loaded.version
+        )
+
+    def _count_refit(self, key: str, result: str) -> None:
+        counts = self.refits.setdefault(key, {})
+        counts[result] = counts.get(result, 0) + 1
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
@@ -223,7 +370,7 @@ class CameraHeadsWorker(ModelWorker):
             status[f.camera_id] = {
                 "version": float(head.version if head else 0),
                 "fitted_at": head.fitted_at if head else 0.0,
-                "fit_progress": 1.0 if head else self.fit_progress(key),
+                "fit_progress": 1.0 if head else self.fit_progress(key, f.timestamp),
             }
             if head is not None:
                 by_head.append(i)
@@ -231,8 +378,8 @@ class CameraHeadsWorker(ModelWorker):
             elif self.on_missing == "default" and self.default is not None:
                 fallback.append(i)
             elif self.on_missing == "fit" and key not in self._fit_failed:
-                self._buffer_for_fit(key, images[i])
-                status[f.camera_id]["fit_progress"] = self.fit_progress(key)
+                self._buffer_for_fit(key, images[i], f.timestamp)
+                status[f.camera_id]["fit_progress"] = self.fit_progress(key, f.timestamp)
                 skipped[i] = "fitting"
             else:
                 skipped[i] = "no_model"
@@ -240,6 +387,11 @@ class CameraHeadsWorker(ModelWorker):
         if by_head:
             head_keys = dict(zip(by_head, keys, strict=True))
             self._score_rows(by_head, lambda x, r: self.heads.predict(x, [head_keys[j] for j in r]), images, out)
+            if self.refit is not None:
+                for i in by_head:
+                    alerting = out.scores[i] >= self.map_threshold or (self.labels_alert and out.labels[i])
+                    if np.isfinite(out.scores[i]) and not alerting:
+                        self._keep_normal(head_keys[i], images[i])
         if fallback:
             self._score_rows(fallback, self._score_default, images, out)
         if self.device.type == "cuda":
@@ -257,6 +409,7 @@ class CameraHeadsWorker(ModelWorker):
             model_versions=out.versions,
             camera_models=status,
             swaps=dict(self.swaps),
+            refits={key: dict(counts) for key, counts in self.refits.items()},
             head_bytes=self.heads.head_bytes,
             worker=self.worker_id,
         )
@@ -314,4 +467,6 @@ def camera_actor_kwargs(cfg: OddeyeConfig) -> dict[str, Any]:
         "fit_folds": holdout_folds(cfg),
         "precision": cfg.model.precision,
         "compile": cfg.model.compile,
+        "fit_max_seconds": cfg.fit.max_seconds,
+        "refit": cfg.refit,
     }

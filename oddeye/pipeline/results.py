@@ -75,7 +75,7 @@ class ResultHandler:
             return out
         t.actor_result("model", True)
         if res.camera_models or res.head_bytes is not None:
-            t.camera_models(res.model, res.camera_models, res.swaps, res.head_bytes, res.worker)
+            t.camera_models(res.model, res.camera_models, res.swaps, res.head_bytes, res.worker, res.refits)
         skipped = res.skipped or {}
         for i, reason in skipped.items():
             # Not scored on purpose (a video model's clip still filling): counted, and finished.

@@ -60,6 +60,8 @@ class BatchResult:
     """scope camera: per camera of the batch, its head's ``version``, ``fitted_at`` and ``fit_progress``."""
     swaps: dict[str, int] = field(default_factory=dict)
     """scope camera: cumulative hot swaps of this replica's heads, by camera (or group)."""
+    refits: dict[str, dict[str, int]] = field(default_factory=dict)
+    """scope camera: cumulative scheduled refits by camera (or group) and result (accepted, rejected, ...)."""
     head_bytes: int | None = None
     """scope camera: bytes of the heads this replica holds in memory."""
     worker: str = ""

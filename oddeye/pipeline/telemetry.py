@@ -121,6 +121,13 @@ class Telemetry:
         self.model_swaps = Counter(
             f"{p}model_swaps_total", "Heads hot-swapped to a newer version", ["camera"], registry=r
         )
+        self.model_refits = Counter(
+            f"{p}model_refits_total",
+            "Scheduled refits of heads (refit.every), by result: accepted, rejected (the guard), skipped "
+            "(too few normal frames), failed",
+            ["camera", "result"],
+            registry=r,
+        )
         self.head_bytes = Gauge(
             f"{p}model_head_bytes", "Bytes of per-camera heads loaded in the model actors", ["model"], registry=r
         )
@@ -165,14 +172,19 @@ class Telemetry:
         swaps: Mapping[str, int],
         head_bytes: int | None,
         worker: str,
+        refits: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
-        """scope camera: per-camera head version, fit time and fit progress, swaps, and head memory by worker."""
+        """scope camera: per-camera head version, fit time and fit progress, swaps, refits, and head memory by
+        worker."""
         for camera, s in status.items():
             self.model_version.labels(camera).set(s.get("version", 0))
             self.model_fit_timestamp.labels(camera).set(s.get("fitted_at", 0))
             self.fit_progress.labels(camera).set(s.get("fit_progress", 0))
         for key, total in swaps.items():
             self.add_cumulative(self.model_swaps, (key,), total)
+        for key, by_result in (refits or {}).items():
+            for result, total in by_result.items():
+                self.add_cumulative(self.model_refits, (key, result), total)
         if head_bytes is not None:
             self._head_bytes[worker] = head_bytes
             self.head_bytes.labels(model).set(sum(self._head_bytes.values()))

@@ -241,6 +241,101 @@ def test_a_refit_hot_swaps_without_losing_frames(directory: CameraHeads, tmp_pat
     assert after.swaps == {"cam-a": 1} and after.camera_models["cam-a"]["version"] == 2
 
 
+def test_on_missing_fit_starts_after_fit_max_seconds_of_the_stream(tmp_path: Path) -> None:
+    worker = CameraHeadsWorker(
+        model_config(tmp_path, on_missing="fit"),
+        device="cpu",
+        num_threads=1,
+        fit_max_frames=1000,
+        fit_max_seconds=2.0,
+        fit_folds=3,
+    )
+    frames, images = camera_frames("cam-new", 5, 16)
+    frames = [Frame(f.camera_id, f.seq, 1000.0 + 0.25 * i, None) for i, f in enumerate(frames)]  # 4 frames/s
+    first = worker.score(frames[:4], images[:4])  # 0.75 s of stream: 4 of 1000 frames, 3/8 of the time
+    assert first.camera_models["cam-new"]["fit_progress"] == pytest.approx(0.75 / 2.0)
+    assert not worker._fits
+    worker.score(frames[4:12], images[4:12])  # frame 8 is at 2.0 s: the fit starts on the 9 frames kept
+    assert "cam-new" in worker._fits and len(worker._buffers["cam-new"]) == 9
+    worker._fits["cam-new"].exception(timeout=60)
+    worker._refresh()
+    done = worker.score(frames[12:], images[12:])
+    assert done.skipped == {} and np.isfinite(done.scores).all()
+    assert done.camera_models["cam-new"]["version"] == 1.0
+    worker.close()
+
+
+def _refit_worker(tmp_path: Path, **refit: Any) -> CameraHeadsWorker:
+    cfg = parse_config(
+        {
+            "sources": [{"type": "synthetic", "camera_id": "cam-a"}],
+            "model": {**model_config(tmp_path).model_dump(), "params": PARAMS},
+            "refit": {"every": 0.2, "min_frames": 8, "max_frames": 20, "val_fraction": 0.25, **refit},
+            "fit": {"batch_size": 8, "val_fraction": 0.34},
+        }
+    )
+    kw = camera_actor_kwargs(cfg)
+    # The synthetic scene drifts: frames long after the fit score high under the fixture's heads (fitted
+    # on 24 frames). An alert threshold of 0.9 keeps the next few dozen frames normal.
+    return CameraHeadsWorker(**kw, device="cpu", num_threads=1, map_threshold=0.9)
+
+
+def test_a_scheduled_refit_learns_from_frames_scored_normal_and_swaps_in(
+    directory: CameraHeads, tmp_path: Path
+) -> None:
+    worker = _refit_worker(tmp_path)
+    assert worker.refit is not None and worker.refit.every == 0.2
+    frames, images = camera_frames("cam-a", 1, 48, start=24)
+    first = worker.score(frames[:24], images[:24])
+    normal = int((first.scores < 0.9).sum())
+    assert normal >= 8, first.scores  # the head's own scene scores normal
+    assert len(worker._normal["cam-a"].frames) == min(normal, 20)
+    time.sleep(0.25)
+    worker.score(frames[24:32], images[24:32])  # the refit is due: it starts in the background
+    assert "cam-a" in worker._refit_jobs
+    worker._refit_jobs["cam-a"].exception(timeout=120)
+    after = worker.score(frames[32:], images[32:])
+    assert after.refits == {"cam-a": {"accepted": 1}} and after.swaps == {"cam-a": 1}
+    assert set(after.model_versions.values()) == {2} and directory.versions("cam-a") == [1, 2]
+    assert after.skipped == {} and np.isfinite(after.scores).all()
+    worker.close()
+
+
+def test_the_refit_guard_rejects_a_head_that_alerts_on_held_back_normal_frames(
+    directory: CameraHeads, tmp_path: Path
+) -> None:
+    worker = _refit_worker(tmp_path)
+    current = worker.heads.get("cam-a")
+    assert current is not None
+    # Frames of another scene (cam-b's) in the sample: a head learnt on most of them and checked on the
+    # rest. Against scene A's own frames the guard compares the two heads' alert rates directly.
+    _, a_images = camera_frames("cam-a", 1, 12, start=24)
+    x = worker.images_to_tensor(a_images)
+    assert worker._alert_rate(current.model, x) == 0.0
+    _, b_images = camera_frames("cam-b", 2, 24, start=24)
+    accepted = worker._guarded_refit("cam-a", b_images, current.model)
+    assert accepted is not None  # on its own held-back frames (scene B) the new head alerts no more
+    assert worker._alert_rate(accepted.model, x) > 0  # ... though it no longer knows scene A
+    # A sample mixing scenes, where the held-back frames are the other scene's: rejected, nothing written.
+    worker = _refit_worker(tmp_path, val_fraction=0.5)
+    mixed = np.concatenate([b_images[:12], a_images])
+    versions = directory.versions("cam-a")
+    rejected = worker._guarded_refit_split("cam-a", mixed[:12], mixed[12:], current.model)
+    assert rejected is None and directory.versions("cam-a") == versions
+    worker.close()
+
+
+def test_refit_config_checks() -> None:
+    base = {"sources": [{"type": "synthetic"}]}
+    with pytest.raises(ConfigError, match=r"refit\.every.*model\.scope: camera"):
+        parse_config({**base, "refit": {"every": 60}})
+    camera = {**base, "model": {"scope": "camera"}}
+    assert parse_config({**camera, "refit": {"every": "6h"}}).refit.every == 6 * 3600
+    assert parse_config({**camera, "refit": {"every": "30m"}}).refit.every == 1800
+    with pytest.raises(ConfigError, match=r"not a duration"):
+        parse_config({**camera, "refit": {"every": "soon"}})
+
+
 def test_groups_share_a_head_and_an_overlap_is_a_config_error(tmp_path: Path) -> None:
     cfg = model_config(tmp_path, groups=[{"name": "docks", "cameras": "dock-*"}, {"name": "gate", "cameras": ["g1"]}])
     assert cfg.head_key("dock-3") == "group:docks" and cfg.head_key("g1") == "group:gate" and cfg.head_key("x") == "x"
@@ -299,6 +394,7 @@ def test_alert_events_carry_the_head_version_and_metrics_follow_the_heads() -> N
         model_versions={0: 3, 1: 3, 2: 3, 3: 3},
         camera_models={"cam": {"version": 3, "fitted_at": 1234.0, "fit_progress": 1.0}},
         swaps={"cam": 2},
+        refits={"cam": {"accepted": 1, "rejected": 2}},
         head_bytes=4096,
         worker="w1",
     )
@@ -308,3 +404,5 @@ def test_alert_events_carry_the_head_version_and_metrics_follow_the_heads() -> N
     t = results.telemetry
     assert t.model_version.labels("cam")._value.get() == 3 and t.model_fit_timestamp.labels("cam")._value.get() == 1234
     assert t.model_swaps.labels("cam")._value.get() == 2 and t.head_bytes.labels("padim")._value.get() == 4096
+    assert t.model_refits.labels("cam", "accepted")._value.get() == 1
+    assert t.model_refits.labels("cam", "rejected")._value.get() == 2
