@@ -427,7 +427,7 @@ class CameraHeadsWorker(ModelWorker):
                 raise FloatingPointError("model returned non-finite scores")
         except Exception as e:
             if len(rows) == 1:
-                log.exception("model %s failed on a frame", self.name)
+                self.log_failure("a frame", e)
                 out.failed[rows[0]] = f"{type(e).__name__}: {e}"
                 return
             log.warning("model %s failed on %d frames (%s); scoring them one by one", self.name, len(rows), e)

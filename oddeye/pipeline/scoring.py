@@ -22,6 +22,8 @@ from oddeye.pipeline.clips import ClipBuffers
 
 log = logging.getLogger(__name__)
 
+_TRACEBACK_EVERY_S = 600.0  # a model error's traceback is logged again after this long
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; an explicit CUDA device must exist."""
@@ -140,6 +142,20 @@ class ModelWorker:
         self.map_threshold = float(map_threshold)
         self.labels_alert = bool(labels_alert)
         self.device = resolve_device(device)
+        self._failures: dict[str, int] = {}
+        self._traced_at: dict[str, float] = {}
+
+    def log_failure(self, what: str, e: BaseException) -> None:
+        """A model failure: logged with its traceback the first time its error type is seen (and every
+        ``_TRACEBACK_EVERY_S``), else as one line with a count, so a stream of bad frames cannot flood the log."""
+        kind = type(e).__name__
+        n = self._failures[kind] = self._failures.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._traced_at.get(kind, -_TRACEBACK_EVERY_S) >= _TRACEBACK_EVERY_S:
+            self._traced_at[kind] = now
+            log.error("model %s failed on %s (%s #%d)", self.name, what, kind, n, exc_info=e)
+        else:
+            log.error("model %s failed on %s: %s: %s (#%d; traceback logged earlier)", self.name, what, kind, e, n)
 
     def _onnxruntime(self, batch_size: int) -> Any:
         """The ONNX Runtime scorer of the loaded model, or the torch model (with a warning) where it cannot run."""
@@ -237,7 +253,7 @@ class ModelWorker:
                     "model %s failed on a batch of %d (%s); scoring it frame by frame", self.name, len(frames), e
                 )
                 return self._one_by_one(frames, images, want_maps, t0)
-            log.exception("model %s failed on a batch of %d", self.name, len(frames))
+            self.log_failure(f"a batch of {len(frames)}", e)
             return BatchResult(
                 np.zeros(0, np.float32), None, None, time.perf_counter() - t0, self.name, f"{type(e).__name__}: {e}"
             )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from oddeye.frames import Frame
@@ -30,6 +32,17 @@ def test_a_marked_frame_fails_alone_and_the_rest_of_its_batch_is_scored(tmp_path
     assert res.error is None and list(res.failed) == [3] and "marked" in res.failed[3]
     assert np.isfinite(res.scores[[0, 1, 2, 4]]).all() and np.isnan(res.scores[3])
     assert w.info()["num_threads"] == 1 and torch.get_num_threads() == 1
+
+
+def test_a_stream_of_failing_frames_logs_one_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    w = _worker(tmp_path)
+    images = add_fail_marker(np.random.default_rng(0).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)[0])[None]
+    with caplog.at_level(logging.ERROR, logger="oddeye.pipeline.scoring"):
+        for i in range(5):
+            assert w.score([Frame("cam", i, float(i), None)], images).error is not None  # type: ignore[arg-type]
+    failures = [r for r in caplog.records if "failed on a batch of 1" in r.getMessage()]
+    assert len(failures) == 5 and sum(r.exc_info is not None for r in failures) == 1
+    assert "#5; traceback logged earlier" in failures[-1].getMessage()
 
 
 def _tiny_padim(tmp_path: Path) -> Path:
