@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -105,6 +106,8 @@ def ensure_ray(cfg: RayConfig) -> bool:
     if local:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not sys.stderr.isatty():  # actor log lines reach files and log collectors without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     kwargs = {
         "address": "local" if local else cfg.address,
         "num_cpus": cfg.num_cpus if local else None,
