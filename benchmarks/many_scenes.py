@@ -1,10 +1,12 @@
 """Many cameras, many scenes: one model for every camera vs per-camera heads on one backbone vs N pipelines.
 
 Each synthetic camera watches its own scene (its seed: background texture, layout, figures). Every
-camera is fitted on its first normal frames, then scored on a later stretch of its stream with
-injected anomalies (foreign objects, texture defects). Printed, per setting:
+camera is fitted on its first normal frames, then scored on a later stretch of its stream, twice:
+with injected anomalies (foreign objects, texture defects: abnormal in every scene), and with
+"another scene's content" (a rectangle of what another camera sees there at that moment: normal
+elsewhere, abnormal only for this camera's scene). Printed, per setting:
 
-- mean image/frame AUROC over the cameras (each camera's frames ranked on their own);
+- mean image/frame AUROC over the cameras (each camera's frames ranked on their own), per test;
 - frames/s scoring the test frames, batches mixing every camera (per camera for separate pipelines):
   the best of ``--repeats`` passes over the same stream, and their median;
 - peak memory (max RSS of a fresh process doing only that setting's fit and scoring).
@@ -77,7 +79,34 @@ def camera_data(cam: int, size: int, fit_frames: int, test_frames: int) -> dict[
         anomaly_duration=10,
         anomaly_kinds=["foreign_object", "texture_defect"],
     )[::2]
-    return {"fit": resize(fit), "test": resize(test), "labels": np.array([bool(f.meta.get("anomaly")) for f in test])}
+    normal = frames(num_frames=test_frames * 2, start_seq=start, anomaly_every=0)[::2]
+    return {
+        "fit": resize(fit),
+        "test": resize(test),
+        "labels": np.array([bool(f.meta.get("anomaly")) for f in test]),
+        "normal_test": resize(normal),  # the same stretch without anomalies: the base of the context test
+    }
+
+
+def context_anomalies(data: dict[int, dict[str, np.ndarray]], seed: int = 0) -> None:
+    """Each camera's ``context`` test: its normal test frames where 1 in 5 shows, in a random rectangle
+    (30-50 % of each side), what another camera sees there at that moment. That content is normal
+    for the other scene, so only a model of this camera's own scene can call it anomalous."""
+    rng = np.random.default_rng(seed)
+    cams = sorted(data)
+    for k, c in enumerate(cams):
+        images = data[c]["normal_test"].copy()
+        n, h, w = images.shape[:3]
+        labels = np.zeros(n, bool)
+        for i in range(n):
+            if i % 25 < 20:
+                continue
+            other = data[cams[(k + 1 + int(rng.integers(len(cams) - 1))) % len(cams)]]["normal_test"]
+            rh, rw = int(rng.integers(3 * h // 10, h // 2 + 1)), int(rng.integers(3 * w // 10, w // 2 + 1))
+            y, x = int(rng.integers(h - rh + 1)), int(rng.integers(w - rw + 1))
+            images[i, y : y + rh, x : x + rw] = other[i % len(other), y : y + rh, x : x + rw]
+            labels[i] = True
+        data[c]["context"], data[c]["context_labels"] = images, labels
 
 
 def tensors(images: np.ndarray) -> list:
@@ -105,23 +134,23 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
     size = (args.size, args.size)
     cams = list(range(args.cameras if setting != "single" else 1))
     data = {c: camera_data(c, args.size, args.fit_frames, args.test_frames) for c in cams}
+    tests = ["test"]
+    if len(cams) > 1:
+        context_anomalies(data)
+        tests.append("context")
     # The test stream: every camera's frames interleaved, as a live pipeline's batches mix them.
     order = [(c, i) for i in range(args.test_frames) for c in cams if i < len(data[c]["test"])]
-    scores = {c: np.zeros(len(data[c]["test"])) for c in cams}
+    scores = {t: {c: np.zeros(len(data[c][t])) for c in cams} for t in tests}
     t_fit = time.perf_counter()
+    score_batch: Any  # (images [B, 3, H, W], the cameras of its rows) -> scores [B]
     if setting == "one model fitted on every camera":
         m = create_model(model, image_size=size, **PARAMS[model])
         m.fit_embedded(tensors(np.concatenate([data[c]["fit"] for c in cams])), folds=args.folds, progress=False)
         fit_s = time.perf_counter() - t_fit
         prepare(m)
 
-        def score_pass() -> None:
-            for k in range(0, len(order), BATCH):
-                chunk = order[k : k + BATCH]
-                x = tensors(np.stack([data[c]["test"][i] for c, i in chunk]))[0]
-                got = m.logits(x)[0].numpy()
-                for (c, i), s in zip(chunk, got, strict=True):
-                    scores[c][i] = s
+        def score_batch(x: Any, _cams: list[int]) -> np.ndarray:
+            return m.logits(x)[0].numpy()
 
     elif setting == "per-camera heads, shared backbone":
         heads = CameraHeads.open(Path(tempfile.mkdtemp()) / "models", model, PARAMS[model], size)
@@ -131,13 +160,8 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
         fit_s = time.perf_counter() - t_fit
         prepare(heads.template)  # the backbone every head shares
 
-        def score_pass() -> None:
-            for k in range(0, len(order), BATCH):
-                chunk = order[k : k + BATCH]
-                x = tensors(np.stack([data[c]["test"][i] for c, i in chunk]))[0]
-                pred, _ = heads.predict(x, [f"cam-{c:02d}" for c, _ in chunk])
-                for (c, i), s in zip(chunk, pred.score.numpy(), strict=True):
-                    scores[c][i] = s
+        def score_batch(x: Any, batch_cams: list[int]) -> np.ndarray:
+            return heads.predict(x, [f"cam-{c:02d}" for c in batch_cams])[0].score.numpy()
 
     else:  # separate pipelines ("single": one of them, for its memory), each camera its own model
         models = {}
@@ -147,10 +171,20 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
             prepare(models[c])
         fit_s = time.perf_counter() - t_fit
 
-        def score_pass() -> None:
+        def score_batch(x: Any, batch_cams: list[int]) -> np.ndarray:
+            return models[batch_cams[0]].logits(x)[0].numpy()
+
+    def score_pass(which: str = "test") -> None:
+        if setting in ROWS:  # one pipeline: batches mix the cameras
+            for k in range(0, len(order), BATCH):
+                chunk = order[k : k + BATCH]
+                x = tensors(np.stack([data[c][which][i] for c, i in chunk]))[0]
+                for (c, i), got in zip(chunk, score_batch(x, [c for c, _ in chunk]), strict=True):
+                    scores[which][c][i] = got
+        else:  # a pipeline per camera: each scores its own camera's frames
             for c in cams:
-                for k, x in enumerate(tensors(data[c]["test"])):
-                    scores[c][k * BATCH : k * BATCH + len(x)] = models[c].logits(x)[0].numpy()
+                for k, x in enumerate(tensors(data[c][which])):
+                    scores[which][c][k * BATCH : k * BATCH + len(x)] = score_batch(x, [c] * len(x))
 
     # The same stream scored --repeats times: on a shared machine a burst of other work slows some
     # passes by 10x; the best pass is what the code costs, the median what this run got.
@@ -159,12 +193,18 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
         t0 = time.perf_counter()
         score_pass()
         passes.append(time.perf_counter() - t0)
-    per_cam = [auroc(scores[c], data[c]["labels"]) for c in cams]
+    per_cam = [auroc(scores["test"][c], data[c]["labels"]) for c in cams]
+    context: list[float] = []
+    if "context" in tests:
+        score_pass("context")
+        context = [auroc(scores["context"][c], data[c]["context_labels"]) for c in cams]
     out.put(
         {
             "setting": setting,
             "auroc": float(np.mean(per_cam)),
             "auroc_min": float(np.min(per_cam)),
+            "auroc_context": float(np.mean(context)) if context else None,
+            "auroc_context_min": float(np.min(context)) if context else None,
             "frames_per_s": len(order) / min(passes),
             "frames_per_s_median": len(order) / float(np.median(passes)),
             "frames_per_s_passes": [len(order) / t for t in passes],
@@ -284,12 +324,16 @@ def main() -> int:
         f"{f'prepared for inference (precision {args.precision})' if args.prepare else 'not prepared'}; "
         f"{platform.node()}, {os.cpu_count()} CPUs"
     )
-    print("| | mean image/frame AUROC (worst camera) | frames/s best (median) | peak memory | fit s |")
-    print("|---|---|---|---|---|")
+    print(
+        "| | mean AUROC (worst camera): synthetic defects | another scene's content | frames/s best (median) "
+        "| peak memory | fit s |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in results:
         note = f" (est. {n} x {single['peak_rss_mb']:.0f} MB)" if r is separate and single else ""
+        ctx = f"{r['auroc_context']:.3f} ({r['auroc_context_min']:.3f})" if r["auroc_context"] is not None else "—"
         print(
-            f"| {r['setting']} | {r['auroc']:.3f} ({r['auroc_min']:.3f}) | {r['frames_per_s']:.1f} "
+            f"| {r['setting']} | {r['auroc']:.3f} ({r['auroc_min']:.3f}) | {ctx} | {r['frames_per_s']:.1f} "
             f"({r['frames_per_s_median']:.1f}) | "
             f"{r['peak_rss_mb']:.0f} MB{note} | {r['fit_s']:.1f} |"
         )
