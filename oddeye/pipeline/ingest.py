@@ -73,6 +73,7 @@ class IngestStats:
     dead_letters: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     queue_depth: int = 0
+    """Frames read and waiting here: queued for the driver, or (``decode_workers`` > 1) being decoded."""
     source_up: bool = False
     reconnects: int = 0
     lag: dict[str, int] = field(default_factory=dict)
@@ -140,6 +141,7 @@ class IngestWorker:
         self.stats = IngestStats(camera_id=camera_id)
         self.source: Source | None = None
         self._queue: deque[Frame] = deque()
+        self._decoding: deque[Frame] = deque()  # decode_workers > 1: read, admitted, in the decode pool
         self._dead: deque[DeadLetter] = deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -205,6 +207,9 @@ class IngestWorker:
                     self._handle(frame)
                 elif self._admit(frame):
                     original = frame.image
+                    with self._cond:
+                        self._decoding.append(frame)
+                        self.stats.queue_depth = self._depth()
                     pending.put((frame, original, pool.submit(self._decode, frame)))
                 self._sync_source_skips()
         except Exception as e:
@@ -228,6 +233,9 @@ class IngestWorker:
                 return
             frame, original, future = item
             self._enqueue(frame, original, future.exception())
+            with self._cond:
+                self._decoding.popleft()  # this frame (the pool's frames finish here in read order)
+                self.stats.queue_depth = self._depth()
 
     def _decode(self, frame: Frame) -> None:
         prepare_frame(frame, self.image_size, self.max_pixels)
@@ -289,7 +297,7 @@ class IngestWorker:
                         return
                     self._cond.wait(0.1)
             self._queue.append(frame)
-            self.stats.queue_depth = len(self._queue)
+            self.stats.queue_depth = self._depth()
             self._cond.notify_all()
 
     def _admit_camera(self, frame: Frame) -> bool:
@@ -371,10 +379,18 @@ class IngestWorker:
             log.debug("lag() failed", exc_info=True)
         with self._cond:
             # The oldest unfinished frame is the first held one (handed out first) or, if none, the queue's head.
-            firsts = [next(iter(self._held.values()), None), self._queue[0] if self._queue else None]
+            firsts = [
+                next(iter(self._held.values()), None),
+                self._queue[0] if self._queue else None,
+                self._decoding[0] if self._decoding else None,
+            ]
             ts = [f.meta["t_ingest"] for f in firsts if f is not None and "t_ingest" in f.meta]
             self.stats.oldest_unacked_s = max(0.0, time.time() - min(ts)) if ts else 0.0
-            self.stats.unacked = len(self._held) + len(self._queue)
+            self.stats.unacked = len(self._held) + self._depth()
+
+    def _depth(self) -> int:
+        """Frames waiting in this worker (call holding ``_cond``): queued, and in the decode pool."""
+        return len(self._queue) + len(self._decoding)
 
     # -- driver side
     def take(self, max_n: int, timeout_s: float) -> TakeResult:
@@ -390,7 +406,7 @@ class IngestWorker:
             frames = [self._queue.popleft() for _ in range(n)]
             dead = list(self._dead)
             self._dead.clear()
-            self.stats.queue_depth = len(self._queue)
+            self.stats.queue_depth = self._depth()
             exhausted = self._finished and not self._queue and not self._dead and not self._dlq_retry
             for f in frames:
                 original = f.meta.pop("_original", None)

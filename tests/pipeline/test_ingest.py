@@ -108,6 +108,22 @@ def test_stop_counts_queued_frames_as_shutdown(decode_workers: int) -> None:
     assert stats.dropped["shutdown"] >= 3
 
 
+def test_frames_in_the_decode_pool_count_as_waiting() -> None:
+    """A blocked worker with a decode pool: every frame read is queued or being decoded, none unaccounted."""
+    src = ListSource(_jpeg_frames(10))
+    w = IngestWorker(lambda: src, "cam", (32, 32), "block", queue_size=2, decode_workers=3)
+    w.start()
+    deadline = time.monotonic() + 10
+    while w.stats.ingested < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    w._sync_source_skips()
+    assert w.stats.ingested == 10 and w.stats.queue_depth == 10 and w.stats.unacked == 10
+    frames, _, last = _drain(w, max_n=100)
+    assert [f.seq for f in frames] == list(range(10)) and last.stats.queue_depth == 0
+    w.stop()
+
+
 def test_source_that_cannot_open_reports_error() -> None:
     def boom() -> Source:
         raise SourceError("video file /nope.mp4 does not exist")
