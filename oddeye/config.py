@@ -316,7 +316,8 @@ class ModelConfig(_Section):
     device: str = "auto"
     backend: Literal["torch", "onnxruntime"] = "torch"
     """``onnxruntime``: CPU model actors export the checkpoint to ONNX on load and score with ONNX Runtime
-    (image models, scope pipeline; needs the ``export`` extra). Falls back to torch where it cannot run."""
+    (image models; with scope camera the shared backbone, the heads staying in torch; needs the ``export``
+    extra). Falls back to torch where it cannot run."""
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The backbone's inference precision (autocast; heads stay float32). ``auto``: bf16 on CPUs with
     native bf16, else float32; float32 on CUDA (see ``oddeye.models.inference``)."""

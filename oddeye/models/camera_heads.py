@@ -27,7 +27,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,9 @@ class CameraHeads:
         self.loads = 0
         self.evictions = 0
         self._heads: OrderedDict[str, LoadedHead] = OrderedDict()
+        self.embed: Callable[[torch.Tensor], torch.Tensor] = self.template.embed
+        """The shared feature pass ``predict`` runs: the template's ``embed``, or another runtime of it
+        (``OnnxRuntimeEmbedder``)."""
         backbone = template.backbone_module()
         self._backbone_attr = next(n for n, m in template.named_children() if m is backbone)
 
@@ -348,7 +351,7 @@ class CameraHeads:
         if len(keys) != images.shape[0]:
             raise ValueError(f"{len(keys)} camera keys for a batch of {images.shape[0]}")
         x = self.template._check_input(images).to(self.device)
-        embedding = self.template.embed(x)
+        embedding = self.embed(x)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         heads: dict[str, LoadedHead] = {}  # the keys present, in order of first appearance
         for key in keys:

@@ -110,10 +110,14 @@ class CameraHeadsWorker(ModelWorker):
         compile: bool = False,
         fit_max_seconds: float | None = None,
         refit: RefitConfig | None = None,
+        backend: str = "torch",
+        batch_size: int = 8,
     ) -> None:
         """``precision`` and ``compile`` as for ``ModelWorker``: they apply to the shared backbone (and the
         default model); the heads score in float32 on the backbone's float32 features, as before.
-        ``fit_max_seconds``: ``fit.max_seconds``; ``refit``: the scheduled refits (``refit.every``)."""
+        ``fit_max_seconds``: ``fit.max_seconds``; ``refit``: the scheduled refits (``refit.every``).
+        ``backend: onnxruntime`` (CPU) runs the shared backbone with ONNX Runtime in graphs of ``batch_size``
+        frames, the heads in torch; torch (with a warning) where it cannot."""
         self._setup(device, num_threads, map_threshold, labels_alert)
         self.config = model
         self.on_missing = model.on_missing or "skip"
@@ -130,6 +134,10 @@ class CameraHeadsWorker(ModelWorker):
         # The backbone every head shares (heads are copies of the template holding this very module): one
         # preparation speeds up every camera's feature pass, the fits of on_missing: fit included.
         self.inference = prepare_model(self.model, self.device, precision, compile)
+        if backend == "onnxruntime":
+            self._onnxruntime_backbone(batch_size)
+        elif backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         self.default: AnomalyModel | None = None
         if default_checkpoint is not None:
             self.default = load_model(default_checkpoint).to(self.device).eval()
@@ -169,6 +177,20 @@ class CameraHeadsWorker(ModelWorker):
             self.device,
             self.on_missing,
         )
+
+    def _onnxruntime_backbone(self, batch_size: int) -> None:
+        """The heads' shared backbone through ONNX Runtime (CPU), or torch with a warning where it cannot run."""
+        if self.device.type != "cpu":
+            log.warning("onnxruntime runs on the CPU only; the %s backbone scores with torch", self.heads.name)
+            return
+        try:
+            from oddeye.models.onnx_backend import OnnxRuntimeEmbedder
+
+            self.heads.embed = OnnxRuntimeEmbedder(self.model, batch_size=batch_size, num_threads=self.num_threads)
+        except Exception as e:  # a missing package, an unexportable backbone: torch still scores
+            log.warning("onnxruntime backbone unavailable (%s); the %s backbone scores with torch", e, self.heads.name)
+            return
+        self.inference = {**self.inference, "backend": "onnxruntime", "backend_batch_size": batch_size}
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "routes_by_camera": True, "scope": "camera", "directory": str(self.heads.directory)}
@@ -469,4 +491,6 @@ def camera_actor_kwargs(cfg: OddeyeConfig) -> dict[str, Any]:
         "compile": cfg.model.compile,
         "fit_max_seconds": cfg.fit.max_seconds,
         "refit": cfg.refit,
+        "backend": cfg.model.backend,
+        "batch_size": cfg.batching.max_batch_size,
     }

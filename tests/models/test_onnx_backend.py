@@ -47,3 +47,24 @@ def test_unknown_backend_is_refused(tmp_path: Path) -> None:
     path = _padim(tmp_path)
     with pytest.raises(ValueError, match="backend"):
         ModelWorker(str(path), "cpu", 1, backend="openvino")
+
+
+def test_onnxruntime_backbone_of_per_camera_heads_scores_like_torch(tmp_path: Path) -> None:
+    from oddeye.models.camera_heads import CameraHeads
+    from oddeye.pipeline.camera_scoring import CameraHeadsWorker
+    from tests.pipeline.test_camera_scoring import PARAMS, SIZE, camera_frames, fit_head, mixed_batch, model_config
+
+    torch.manual_seed(0)
+    heads = CameraHeads.open(tmp_path / "models", "dfm", PARAMS, (SIZE, SIZE))
+    for cam, seed in (("cam-a", 1), ("cam-b", 2)):
+        fit_head(heads, cam, camera_frames(cam, seed, 24)[1])
+    cfg = model_config(tmp_path, on_missing="skip")
+    torch_worker = CameraHeadsWorker(cfg, device="cpu", num_threads=1)
+    ort_worker = CameraHeadsWorker(cfg, device="cpu", num_threads=1, backend="onnxruntime", batch_size=4)
+    assert ort_worker.info()["inference"]["backend"] == "onnxruntime"
+    frames, images = mixed_batch()  # 10 frames (split into graphs of 4, the last padded); cam-c has no head
+    expected, got = torch_worker.score(frames, images, "all"), ort_worker.score(frames, images, "all")
+    assert got.skipped == expected.skipped and got.failed == {} and len(got.skipped) == 2
+    np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
+    with pytest.raises(ValueError, match="backend"):
+        CameraHeadsWorker(cfg, device="cpu", num_threads=1, backend="openvino")
