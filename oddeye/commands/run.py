@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="oddeye-out", help="where file sinks write (default ./oddeye-out)")
     parser.add_argument("--max-frames", type=int, help="stop after N frames are scored")
     parser.add_argument("--duration", type=float, help="stop after S seconds")
-    parser.add_argument("--idle-timeout", type=float, help="stop after S seconds with no new input")
+    parser.add_argument(
+        "--idle-timeout", type=float, help="stop after S seconds with no new input and nothing left to score"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

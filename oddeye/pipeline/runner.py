@@ -377,6 +377,10 @@ class Pipeline:
         assert acks is not None and self.results is not None
         while True:
             now = time.monotonic()
+            if inflight or len(batcher) or self._restarting:
+                # Not idle while frames wait to be scored (a replica restarting after a node died can take
+                # Ray tens of seconds to notice): the idle timeout counts from the last work, not the last frame.
+                last_frame_t = now
             if self._stop_reason is None:
                 if self.duration is not None and now - t_start >= self.duration:
                     self.stop("duration")
