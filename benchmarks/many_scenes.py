@@ -22,7 +22,8 @@ folded batch norms, ``--precision``) of the whole model, or of the heads' shared
 where the model has one (``AnomalyModel.score_embedding_heads``).
 
     python benchmarks/many_scenes.py [--cameras 16] [--size 96] [--fit-frames 60] [--test-frames 100]
-        [--repeats 5] [--no-prepare] [--no-separate] [--heads]   (--heads alone: no head-size table)
+        [--repeats 5] [--no-prepare] [--no-separate] [--heads] [--backend onnxruntime]
+        (--heads alone: no head-size table)
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
+    backend = getattr(args, "backend", "torch")
     size = (args.size, args.size)
     cams = list(range(args.cameras if setting != "single" else 1))
     data = {c: camera_data(c, args.size, args.fit_frames, args.test_frames) for c in cams}
@@ -148,9 +150,18 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
         m.fit_embedded(tensors(np.concatenate([data[c]["fit"] for c in cams])), folds=args.folds, progress=False)
         fit_s = time.perf_counter() - t_fit
         prepare(m)
+        if backend == "onnxruntime":  # model.backend: onnxruntime (scores normalised: same ranking)
+            from oddeye.models.onnx_backend import OnnxRuntimeModel
 
-        def score_batch(x: Any, _cams: list[int]) -> np.ndarray:
-            return m.logits(x)[0].numpy()
+            ort_model = OnnxRuntimeModel(m, batch_size=BATCH, num_threads=args.threads)
+
+            def score_batch(x: Any, _cams: list[int]) -> np.ndarray:
+                return ort_model(x).score.numpy()
+
+        else:
+
+            def score_batch(x: Any, _cams: list[int]) -> np.ndarray:
+                return m.logits(x)[0].numpy()
 
     elif setting == "per-camera heads, shared backbone":
         heads = CameraHeads.open(Path(tempfile.mkdtemp()) / "models", model, PARAMS[model], size)
@@ -159,6 +170,10 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
             heads.install(heads.save_head(f"cam-{c:02d}", heads.fit_head(tensors(data[c]["fit"]), folds=args.folds)))
         fit_s = time.perf_counter() - t_fit
         prepare(heads.template)  # the backbone every head shares
+        if backend == "onnxruntime":  # the shared backbone through ONNX Runtime, the heads in torch
+            from oddeye.models.onnx_backend import OnnxRuntimeEmbedder
+
+            heads.embed = OnnxRuntimeEmbedder(heads.template, batch_size=BATCH, num_threads=args.threads)
 
         def score_batch(x: Any, batch_cams: list[int]) -> np.ndarray:
             return heads.predict(x, [f"cam-{c:02d}" for c in batch_cams])[0].score.numpy()
@@ -295,6 +310,13 @@ def main() -> int:
         help="prepare_for_inference before scoring, as the model actors do (default: on)",
     )
     ap.add_argument("--precision", default="auto", help="the backbone's precision when prepared (model.precision)")
+    ap.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="model.backend of the first two rows: onnxruntime runs the single model, or the heads' shared "
+        "backbone, with ONNX Runtime",
+    )
     ap.add_argument("--repeats", type=int, default=5, help="scoring passes over the test stream (best and median)")
     ap.add_argument(
         "--separate",
@@ -321,7 +343,8 @@ def main() -> int:
         f"# many scenes: {n} synthetic cameras, {args.model} ({PARAMS[args.model]['backbone']}, offline ImageNet "
         f"weights), {args.size}x{args.size}, {args.fit_frames} fit frames and {args.test_frames} test frames per "
         f"camera, batches of {BATCH}, {args.threads} torch threads, best (median) of {args.repeats} scoring passes, "
-        f"{f'prepared for inference (precision {args.precision})' if args.prepare else 'not prepared'}; "
+        f"{f'prepared for inference (precision {args.precision})' if args.prepare else 'not prepared'}, "
+        f"backend {args.backend}; "
         f"{platform.node()}, {os.cpu_count()} CPUs"
     )
     print(
