@@ -63,25 +63,41 @@ def _config(tmp: Path, checkpoint: Path, address: str, replicas: int = 1, **sect
 
 
 def _oddeye(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
+    """``oddeye ARGS`` with its output in files under ``cwd`` (a pipe nobody reads while the run goes on
+    fills up and blocks the run's logging, and so the run itself)."""
+    name = f"oddeye-{uuid.uuid4().hex[:6]}"
+    out, err = (cwd / f"{name}.out").open("w"), (cwd / f"{name}.err").open("w")
+    proc = subprocess.Popen(
         [sys.executable, "-m", "oddeye.cli", *args],
         cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=err,
         text=True,
         env=env or ray_env(),
         start_new_session=True,
     )
+    out.close()
+    err.close()
+    proc.log_paths = (Path(out.name), Path(err.name))  # type: ignore[attr-defined]
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> tuple[str, str]:
+    """What the run wrote so far: stdout, stderr."""
+    out, err = proc.log_paths  # type: ignore[attr-defined]
+    return out.read_text(errors="replace"), err.read_text(errors="replace")
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float) -> str:
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        out, err = _output(proc)
         pytest.fail(f"oddeye run did not finish within {timeout_s:.0f}s:\n{out[-2000:]}\n{err[-4000:]}")
+    out, err = _output(proc)
     assert proc.returncode == 0, f"oddeye run failed ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
     return out
 
@@ -195,11 +211,6 @@ def _read_scores(bootstrap: str, topic: str, want: int, timeout_s: float) -> lis
     return out
 
 
-@pytest.mark.xfail(
-    reason="known failure (issue 14, section 5): after the model node's raylet is killed the run scores no "
-    "further frame and ends on its idle timeout; the replica restart path is not yet right on a real cluster",
-    strict=False,
-)
 def test_model_node_killed_mid_stream_from_kafka_loses_no_frame(
     cluster: RayCluster, kafka_broker, fitted_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -246,7 +257,7 @@ def test_model_node_killed_mid_stream_from_kafka_loses_no_frame(
     try:
         deadline = time.monotonic() + 180
         while len(_lines(scores)) < FIRST:  # the pipeline is up and scoring: the live stream starts now
-            assert run.poll() is None, run.communicate()[1][-4000:]
+            assert run.poll() is None, _output(run)[1][-4000:]
             assert time.monotonic() < deadline, "no scores within 180 s"
             time.sleep(0.3)
         live.set()
@@ -254,7 +265,7 @@ def test_model_node_killed_mid_stream_from_kafka_loses_no_frame(
         assert len(model_nodes) == 1 and model_nodes[0] in MODEL_NODES, model_nodes
         victim = model_nodes[0]
         while len(_lines(scores)) < FIRST + 16:
-            assert run.poll() is None, run.communicate()[1][-4000:]
+            assert run.poll() is None, _output(run)[1][-4000:]
             assert time.monotonic() < deadline, "the stream stalled before the kill"
             time.sleep(0.2)
         scored_before_kill = len(_lines(scores))
@@ -270,7 +281,7 @@ def test_model_node_killed_mid_stream_from_kafka_loses_no_frame(
         if run.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, 9)
-            run.communicate(timeout=30)
+            run.wait(timeout=30)
 
     assert scored_before_kill < N_FRAMES, "the node must die mid-stream"
     records = _read_scores(kafka_broker.bootstrap, scores_topic, N_FRAMES, timeout_s=30)
