@@ -110,11 +110,11 @@ def context_anomalies(data: dict[int, dict[str, np.ndarray]], seed: int = 0) -> 
         data[c]["context"], data[c]["context_labels"] = images, labels
 
 
-def tensors(images: np.ndarray) -> list:
+def tensors(images: np.ndarray, batch: int = BATCH) -> list:
     import torch
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    return list(x.split(BATCH))
+    return list(x.split(batch))
 
 
 def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) -> None:
@@ -133,6 +133,7 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
     backend = getattr(args, "backend", "torch")
+    batch = getattr(args, "batch", BATCH)  # scoring batches (fits use BATCH)
     size = (args.size, args.size)
     cams = list(range(args.cameras if setting != "single" else 1))
     data = {c: camera_data(c, args.size, args.fit_frames, args.test_frames) for c in cams}
@@ -153,7 +154,7 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
         if backend == "onnxruntime":  # model.backend: onnxruntime (scores normalised: same ranking)
             from oddeye.models.onnx_backend import OnnxRuntimeModel
 
-            ort_model = OnnxRuntimeModel(m, batch_size=BATCH, num_threads=args.threads)
+            ort_model = OnnxRuntimeModel(m, batch_size=batch, num_threads=args.threads)
 
             def score_batch(x: Any, _cams: list[int]) -> np.ndarray:
                 return ort_model(x).score.numpy()
@@ -173,7 +174,7 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
         if backend == "onnxruntime":  # the shared backbone through ONNX Runtime, the heads in torch
             from oddeye.models.onnx_backend import OnnxRuntimeEmbedder
 
-            heads.embed = OnnxRuntimeEmbedder(heads.template, batch_size=BATCH, num_threads=args.threads)
+            heads.embed = OnnxRuntimeEmbedder(heads.template, batch_size=batch, num_threads=args.threads)
 
         def score_batch(x: Any, batch_cams: list[int]) -> np.ndarray:
             return heads.predict(x, [f"cam-{c:02d}" for c in batch_cams])[0].score.numpy()
@@ -191,15 +192,15 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
 
     def score_pass(which: str = "test") -> None:
         if setting in ROWS:  # one pipeline: batches mix the cameras
-            for k in range(0, len(order), BATCH):
-                chunk = order[k : k + BATCH]
-                x = tensors(np.stack([data[c][which][i] for c, i in chunk]))[0]
+            for k in range(0, len(order), batch):
+                chunk = order[k : k + batch]
+                x = tensors(np.stack([data[c][which][i] for c, i in chunk]), batch)[0]
                 for (c, i), got in zip(chunk, score_batch(x, [c for c, _ in chunk]), strict=True):
                     scores[which][c][i] = got
         else:  # a pipeline per camera: each scores its own camera's frames
             for c in cams:
-                for k, x in enumerate(tensors(data[c][which])):
-                    scores[which][c][k * BATCH : k * BATCH + len(x)] = score_batch(x, [c] * len(x))
+                for k, x in enumerate(tensors(data[c][which], batch)):
+                    scores[which][c][k * batch : k * batch + len(x)] = score_batch(x, [c] * len(x))
 
     # The same stream scored --repeats times: on a shared machine a burst of other work slows some
     # passes by 10x; the best pass is what the code costs, the median what this run got.
@@ -310,6 +311,7 @@ def main() -> int:
         help="prepare_for_inference before scoring, as the model actors do (default: on)",
     )
     ap.add_argument("--precision", default="auto", help="the backbone's precision when prepared (model.precision)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="frames per scoring batch (mixing the cameras)")
     ap.add_argument(
         "--backend",
         choices=["torch", "onnxruntime"],
@@ -342,7 +344,8 @@ def main() -> int:
     print(
         f"# many scenes: {n} synthetic cameras, {args.model} ({PARAMS[args.model]['backbone']}, offline ImageNet "
         f"weights), {args.size}x{args.size}, {args.fit_frames} fit frames and {args.test_frames} test frames per "
-        f"camera, batches of {BATCH}, {args.threads} torch threads, best (median) of {args.repeats} scoring passes, "
+        f"camera, batches of {args.batch}, {args.threads} torch threads, best (median) of {args.repeats} "
+        "scoring passes, "
         f"{f'prepared for inference (precision {args.precision})' if args.prepare else 'not prepared'}, "
         f"backend {args.backend}; "
         f"{platform.node()}, {os.cpu_count()} CPUs"
