@@ -18,6 +18,11 @@ from collections.abc import Sequence
 
 from oddeye.commands._config import EXIT_CONFIG
 
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a busy machine spinning
+# threads stall each other (PaDiM's batched per-position inverses took 60 s instead of 0.1 s with 2 threads
+# under load); the model actors set the same (pipeline.ingest_actor.ACTOR_ENV).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 log = logging.getLogger("oddeye")
 
 
