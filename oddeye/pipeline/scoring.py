@@ -261,6 +261,12 @@ class ModelWorker:
             scores, maps, boxes, time.perf_counter() - t0, self.name, None, skipped, resets, labels=labels
         )
 
+    def alerting(self, score: Any, label: Any) -> Any:
+        """Whether a frame (or, elementwise, frames) can open or keep an alert: at or above ``map_threshold``,
+        or, with ``threshold: auto``, labelled anomalous by the model. Takes floats/bools or arrays/tensors."""
+        over = score >= self.map_threshold
+        return over | label if self.labels_alert else over
+
     def select_maps(
         self,
         anomaly_map: torch.Tensor | None,
@@ -272,11 +278,7 @@ class ModelWorker:
         """uint8 maps by frame index for the rows (``index``: their frames) that ``want_maps`` asks for."""
         if anomaly_map is None or want_maps == "none":
             return None
-        rows = [
-            k
-            for k, j in enumerate(index)
-            if want_maps == "all" or scores[j] >= self.map_threshold or (self.labels_alert and labels[j])
-        ]
+        rows = [k for k, j in enumerate(index) if want_maps == "all" or self.alerting(scores[j], labels[j])]
         if not rows:
             return {}
         sel = anomaly_map[rows].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
