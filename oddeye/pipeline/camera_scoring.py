@@ -257,12 +257,13 @@ class CameraHeadsWorker(ModelWorker):
             self._fits[key] = self._fitter.submit(self._fit, key, images)
 
     def _fit(self, key: str, images: np.ndarray) -> LoadedHead:
-        batches = [
-            self.images_to_tensor(images[i : i + self.fit_batch_size])
-            for i in range(0, len(images), self.fit_batch_size)
-        ]
-        head = self.heads.fit_head(batches, folds=self.fit_folds)
-        return self.heads.save_head(key, head)
+        return self.heads.save_head(key, self._fit_head(images))
+
+    def _fit_head(self, images: np.ndarray) -> AnomalyModel:
+        """A new head fitted on frames [N, H, W, 3] (not saved), in batches of ``fit.batch_size``."""
+        step = self.fit_batch_size
+        batches = [self.images_to_tensor(images[i : i + step]) for i in range(0, len(images), step)]
+        return self.heads.fit_head(batches, folds=self.fit_folds)
 
     def fit_progress(self, key: str, ts: float | None = None) -> float:
         """1 once the key has a head; else the share of its fit frames kept (or of ``fit.max_seconds``
@@ -315,10 +316,7 @@ class CameraHeadsWorker(ModelWorker):
     ) -> LoadedHead | None:
         """``_guarded_refit`` with its frames already split into ``train`` and the guard's ``val``."""
         assert self.refit is not None
-        batches = [
-            self.images_to_tensor(train[i : i + self.fit_batch_size]) for i in range(0, len(train), self.fit_batch_size)
-        ]
-        candidate = self.heads.fit_head(batches, folds=self.fit_folds)
+        candidate = self._fit_head(train)
         x = self.images_to_tensor(val)
         rates = [self._alert_rate(model, x) for model in (current, candidate)]
         if rates[1] > rates[0] + self.refit.max_alert_rate_increase:
@@ -339,10 +337,8 @@ class CameraHeadsWorker(ModelWorker):
         """Share of ``x``'s frames that would alert: at or above the lowest alert threshold (or, with
         ``threshold: auto``, labelled anomalous by the model)."""
         pred = model(x)
-        alerting = pred.score.float() >= self.map_threshold
-        if self.labels_alert and pred.label is not None:
-            alerting |= pred.label.bool()
-        return float(alerting.float().mean())
+        label = pred.label.bool() if pred.label is not None else torch.zeros_like(pred.score, dtype=torch.bool)
+        return float(self.alerting(pred.score.float(), label).float().mean())
 
     def _refit_done(self, key: str, job: Future[LoadedHead | None]) -> None:
         try:
@@ -411,8 +407,7 @@ class CameraHeadsWorker(ModelWorker):
             self._score_rows(by_head, lambda x, r: self.heads.predict(x, [head_keys[j] for j in r]), images, out)
             if self.refit is not None:
                 for i in by_head:
-                    alerting = out.scores[i] >= self.map_threshold or (self.labels_alert and out.labels[i])
-                    if np.isfinite(out.scores[i]) and not alerting:
+                    if np.isfinite(out.scores[i]) and not self.alerting(out.scores[i], out.labels[i]):
                         self._keep_normal(head_keys[i], images[i])
         if fallback:
             self._score_rows(fallback, self._score_default, images, out)
