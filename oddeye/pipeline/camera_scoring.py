@@ -74,21 +74,18 @@ class _Sample:
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
         self.seen = 0
-        self.frames: dict[int, np.ndarray] = {}  # arrival number → frame
+        self.frames: list[tuple[int, np.ndarray]] = []  # (arrival number, frame) per slot
         self._rng = np.random.default_rng(seed)
 
     def offer(self, image: np.ndarray) -> None:
         self.seen += 1
-        if len(self.frames) < self.size:
-            self.frames[self.seen] = np.array(image, copy=True)
-            return
-        j = int(self._rng.integers(self.seen))
-        if j < self.size:  # replaces a random kept frame: every frame so far is kept with probability size/seen
-            del self.frames[sorted(self.frames)[j]]
-            self.frames[self.seen] = np.array(image, copy=True)
+        j = len(self.frames) if len(self.frames) < self.size else int(self._rng.integers(self.seen))
+        if j < self.size:  # fills a free slot, or replaces a random one: every frame is kept with probability size/seen
+            kept = (self.seen, np.array(image, copy=True))
+            self.frames[j : j + 1] = [kept]
 
     def images(self) -> np.ndarray:
-        return np.stack([self.frames[k] for k in sorted(self.frames)])
+        return np.stack([frame for _, frame in sorted(self.frames, key=lambda kept: kept[0])])
 
 
 class CameraHeadsWorker(ModelWorker):
@@ -309,7 +306,9 @@ class CameraHeadsWorker(ModelWorker):
         assert self.refit is not None
         n_val = max(1, round(len(images) * self.refit.val_fraction))
         order = np.random.default_rng(zlib.crc32(key.encode()) + len(images)).permutation(len(images))
-        return self._guarded_refit_split(key, images[order[n_val:]], images[order[:n_val]], current)
+        # Both halves stay in arrival order: the fit's held-out normalisation folds contiguous blocks.
+        train, val = np.sort(order[n_val:]), np.sort(order[:n_val])
+        return self._guarded_refit_split(key, images[train], images[val], current)
 
     def _guarded_refit_split(
         self, key: str, train: np.ndarray, val: np.ndarray, current: AnomalyModel
