@@ -110,19 +110,30 @@ def export_model(model: Any, fmt: str, out: str | Path, batch_size: int = 1) -> 
             traced = torch.jit.trace(wrapper, example, check_trace=False)
             traced.save(str(out))
         else:
-            _require("onnx")
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(out),
-                input_names=["images"],
-                output_names=names,
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-                external_data=False,
-            )
+            onnx_export(wrapper, example, out, names)
     log.info("exported %s to %s (%s)", model.name, out, fmt)
     return out
+
+
+def onnx_export(module: Any, example: Any, out: str | Path, names: list[str]) -> Path:
+    """Trace ``module`` on ``example`` images into an ONNX graph at ``out`` (input ``images``, outputs ``names``):
+    oddeye's one way to write ONNX (the opset, the TorchScript exporter, one self-contained file)."""
+    import torch
+
+    _require("onnx")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python values baked into the graph: intended
+        torch.onnx.export(
+            module,
+            (example,),
+            str(out),
+            input_names=["images"],
+            output_names=names,
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+            external_data=False,
+        )
+    return Path(out)
 
 
 def load_exported(path: str | Path, fmt: str) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,32 +104,21 @@ class OnnxRuntimeEmbedder(_FixedBatchGraph):
     shared feature pass (``model.scope: camera``), the heads staying in torch."""
 
     def __init__(self, model: AnomalyModel, batch_size: int = 8, num_threads: int | None = None) -> None:
-        from oddeye.commands.export import ONNX_OPSET, _require
+        from oddeye.commands.export import onnx_export
 
         if not model.splits_backbone():
             raise ValueError(f"{model.name} does not split into a shared backbone and heads")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        _require("onnx")
         self.name = model.name
         self.batch_size = int(batch_size)
         self.image_size = model.image_size
         example = torch.rand(self.batch_size, 3, *model.image_size, generator=torch.Generator().manual_seed(0))
         wrapper = _Embed(model).cpu().eval()
-        with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about python values baked into the graph: intended
-            path = Path(tmp) / "embed.onnx"
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(path),
-                input_names=["images"],
-                output_names=["embedding"],
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-                external_data=False,
-            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = onnx_export(wrapper, example, Path(tmp) / "embed.onnx", ["embedding"])
             self.session = _session(path.read_bytes(), num_threads)
+        with torch.no_grad():
             expected = wrapper(example)
         got = self(example)
         error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
