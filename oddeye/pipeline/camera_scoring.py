@@ -177,17 +177,11 @@ class CameraHeadsWorker(ModelWorker):
 
     def _onnxruntime_backbone(self, batch_size: int) -> None:
         """The heads' shared backbone through ONNX Runtime (CPU), or torch with a warning where it cannot run."""
-        if self.device.type != "cpu":
-            log.warning("onnxruntime runs on the CPU only; the %s backbone scores with torch", self.heads.name)
-            return
-        try:
-            from oddeye.models.onnx_backend import OnnxRuntimeEmbedder
+        from oddeye.models.onnx_backend import OnnxRuntimeEmbedder
 
-            self.heads.embed = OnnxRuntimeEmbedder(self.model, batch_size=batch_size, num_threads=self.num_threads)
-        except Exception as e:  # a missing package, an unexportable backbone: torch still scores
-            log.warning("onnxruntime backbone unavailable (%s); the %s backbone scores with torch", e, self.heads.name)
-            return
-        self.inference = {**self.inference, "backend": "onnxruntime", "backend_batch_size": batch_size}
+        embedder = self._try_onnxruntime(OnnxRuntimeEmbedder, batch_size, "the shared backbone runs")
+        if embedder is not None:
+            self.heads.embed = embedder
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "routes_by_camera": True, "scope": "camera", "directory": str(self.heads.directory)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,18 +160,24 @@ class ModelWorker:
 
     def _onnxruntime(self, batch_size: int) -> Any:
         """The ONNX Runtime scorer of the loaded model, or the torch model (with a warning) where it cannot run."""
-        if self.device.type != "cpu":
-            log.warning("model %s: the onnxruntime backend runs on the CPU only; scoring with torch", self.model.name)
-            return self.model
-        try:
-            from oddeye.models.onnx_backend import OnnxRuntimeModel
+        from oddeye.models.onnx_backend import OnnxRuntimeModel
 
-            scorer = OnnxRuntimeModel(self.model, batch_size=batch_size, num_threads=self.num_threads)
-        except Exception as e:  # a missing package, an unexportable model: torch still scores
-            log.warning("model %s: onnxruntime backend unavailable (%s); scoring with torch", self.model.name, e)
-            return self.model
+        return self._try_onnxruntime(OnnxRuntimeModel, batch_size, "scoring") or self.model
+
+    def _try_onnxruntime(self, build: Callable[..., Any], batch_size: int, what: str) -> Any | None:
+        """``build(self.model, batch_size=, num_threads=)``, an ONNX Runtime runner of the loaded model (or of its
+        backbone), recorded in ``inference``; None, with a warning that torch goes on ``what``, where it cannot
+        run (not on the CPU, a missing package, an unexportable model)."""
+        if self.device.type != "cpu":
+            log.warning("model %s: the onnxruntime backend runs on the CPU only; %s with torch", self.model.name, what)
+            return None
+        try:
+            runner = build(self.model, batch_size=batch_size, num_threads=self.num_threads)
+        except Exception as e:  # torch still scores
+            log.warning("model %s: onnxruntime backend unavailable (%s); %s with torch", self.model.name, e, what)
+            return None
         self.inference = {**self.inference, "backend": "onnxruntime", "backend_batch_size": batch_size}
-        return scorer
+        return runner
 
     def info(self) -> dict[str, Any]:
         return {
