@@ -133,8 +133,8 @@ def run_setting(setting: str, model: str, args: argparse.Namespace, out: Any) ->
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
-    backend = getattr(args, "backend", "torch")
-    batch = getattr(args, "batch", BATCH)  # scoring batches (fits use BATCH)
+    backend = args.backend
+    batch = args.batch  # scoring batches (fits use BATCH)
     size = (args.size, args.size)
     cams = list(range(args.cameras if setting != "single" else 1))
     data = {c: camera_data(c, args.size, args.fit_frames, args.test_frames) for c in cams}
