@@ -301,6 +301,33 @@ def test_a_scheduled_refit_learns_from_frames_scored_normal_and_swaps_in(
     worker.close()
 
 
+def test_a_refit_with_too_few_normal_frames_is_skipped_and_a_failed_one_keeps_the_head(
+    directory: CameraHeads, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = _refit_worker(tmp_path, min_frames=30)
+    frames, images = camera_frames("cam-a", 1, 24, start=24)
+    worker.score(frames[:12], images[:12])
+    time.sleep(0.25)
+    skipped = worker.score(frames[12:], images[12:])  # due, with fewer than 30 normal frames kept
+    assert skipped.refits == {"cam-a": {"skipped": 1}} and not worker._refit_jobs
+    worker.close()
+
+    worker = _refit_worker(tmp_path)
+
+    def broken_fit(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory while fitting")
+
+    monkeypatch.setattr(worker.heads, "fit_head", broken_fit)
+    worker.score(frames[:12], images[:12])
+    time.sleep(0.25)
+    worker.score(frames[12:], images[12:])
+    worker._refit_jobs["cam-a"].exception(timeout=60)
+    after = worker.score(frames[:4], images[:4])
+    assert after.refits == {"cam-a": {"failed": 1}} and after.swaps == {}
+    assert set(after.model_versions.values()) == {1} and np.isfinite(after.scores).all()
+    worker.close()
+
+
 def test_the_refit_guard_rejects_a_head_that_alerts_on_held_back_normal_frames(
     directory: CameraHeads, tmp_path: Path
 ) -> None:
