@@ -47,8 +47,13 @@ class _FixedBatchGraph:
     """An ONNX Runtime session on a graph of a fixed batch size: smaller batches padded, larger ones split."""
 
     session: Any
-    batch_size: int
-    image_size: tuple[int, int]
+
+    def __init__(self, model: AnomalyModel, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.name = model.name
+        self.batch_size = int(batch_size)
+        self.image_size = model.image_size
 
     def _run(self, images: np.ndarray) -> list[np.ndarray]:
         n = images.shape[0]
@@ -79,11 +84,7 @@ class OnnxRuntimeModel(_FixedBatchGraph):
 
         if model.is_video:
             raise ValueError(f"{model.name} is a video model; the onnxruntime backend scores image models only")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.name = model.name
-        self.batch_size = int(batch_size)
-        self.image_size = model.image_size
+        super().__init__(model, batch_size)
         with tempfile.TemporaryDirectory() as tmp:
             path = export_model(model, "onnx", Path(tmp) / "model.onnx", batch_size=self.batch_size)
             error = check_export(model, path, "onnx", batch_size=self.batch_size)
@@ -108,11 +109,7 @@ class OnnxRuntimeEmbedder(_FixedBatchGraph):
 
         if not model.splits_backbone():
             raise ValueError(f"{model.name} does not split into a shared backbone and heads")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.name = model.name
-        self.batch_size = int(batch_size)
-        self.image_size = model.image_size
+        super().__init__(model, batch_size)
         example = torch.rand(self.batch_size, 3, *model.image_size, generator=torch.Generator().manual_seed(0))
         wrapper = _Embed(model).cpu().eval()
         with tempfile.TemporaryDirectory() as tmp:
