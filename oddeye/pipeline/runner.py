@@ -189,8 +189,9 @@ class Pipeline:
         store_name = f"oddeye-checkpoint-{uuid.uuid4().hex[:12]}"
         namespace = ray.get_runtime_context().namespace
         # On the driver's node: a holder on a worker node would die with it, and restarted model
-        # actors could not fetch their checkpoint.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # actors could not fetch their checkpoint. Hard affinity: Ray places a soft-affine actor that
+        # asks for no resources (this one) on a random node (ray-project/ray#25344 fixed hard only).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._store = CheckpointStore.options(name=store_name, scheduling_strategy=here).remote(checkpoint)
         thresholds = [cfg.alerts.policy_for()["threshold"]] + [
             cfg.alerts.policy_for(c)["threshold"] for c in cfg.alerts.cameras
