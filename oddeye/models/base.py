@@ -183,8 +183,6 @@ class AnomalyModel(nn.Module):
 
     name: ClassVar[str] = ""
     is_video: ClassVar[bool] = False
-    # How many of the k folds ``heldout_scores`` refits (None: all); gradient-trained models refit one.
-    heldout_fits: ClassVar[int | None] = None
 
     def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256)) -> None:
         super().__init__()
@@ -358,8 +356,8 @@ class AnomalyModel(nn.Module):
           near-identical neighbour in training and would normalise memory banks too low.
           Models whose fit can be redone cheaply on cached features override
           ``heldout_scores`` (DFM refits only its PCA, AI-VAD only its density estimators), so
-          they pay one feature pass instead of k fits; gradient-trained models refit only
-          ``heldout_fits`` of the folds.
+          they pay one feature pass instead of k fits. Gradient-trained models instead hold out
+          the last fold (``holdout_split``): the final model itself learns from the others.
 
         Batches are image tensors, or dicts with ``"image"`` and optionally ``"video"`` (an
         int id per item: which video or recording it comes from, used to fold by video).
@@ -389,6 +387,36 @@ class AnomalyModel(nn.Module):
         self.fitted = True
         return self
 
+    def holdout_split(self, train_loader: Iterable[Any], folds: int) -> tuple[Iterable[Any], Iterable[Any] | None]:
+        """``train_loader`` split into (the first k-1 folds, the last fold) by ``fold_assignment``.
+
+        For models whose fit is expensive (gradient training): they learn from the first folds
+        and normalise on the last with the very model that is deployed. Refitting on every
+        image as well would double the fit, and a fold copy's scores are not the final
+        model's (a trained model's score scale moves with its training). The last fold is the
+        latest block of a stream, or its last videos. Fewer than two folds: (loader, None).
+        """
+        if iter(train_loader) is train_loader:
+            raise FitError(
+                "fit needs a re-iterable train_loader (a list, a DataLoader) to hold out images for the "
+                "normalisation, or a val_loader of held-out normal images; got a one-shot iterator"
+            )
+        seen = _CheckedBatches(train_loader, self._check_input)
+        for _ in seen:
+            pass
+        assign = fold_assignment(seen.count, folds, seen.videos)
+        k = int(assign.max()) + 1 if seen.count else 0
+        if k < 2:
+            return train_loader, None
+        held = assign == k - 1
+        log.info(
+            "%s: learning from %d image(s); the last %d are held out for the score normalisation",
+            self.name,
+            int((~held).sum()),
+            int(held.sum()),
+        )
+        return _Subset(train_loader, self._check_input, ~held), _Subset(train_loader, self._check_input, held)
+
     def heldout_scores(
         self,
         train_loader: Iterable[Any],
@@ -415,10 +443,8 @@ class AnomalyModel(nn.Module):
                 n,
             )
             return self._score_raw(_CheckedBatches(train_loader, self._check_input))
-        limit = self.heldout_fits if self.heldout_fits is not None else k
-        picked = [int(f) for f in torch.linspace(0, k - 1, min(k, limit)).round().long().unique()]
         scores, peaks = [], []
-        for fold in progress_bar(picked, desc=f"{self.name}: held-out folds", unit="fold", disable=not progress):
+        for fold in progress_bar(range(k), desc=f"{self.name}: held-out folds", unit="fold", disable=not progress):
             model = template.copy_sharing_backbone()
             model.eval()
             model._fit_normal(_Subset(train_loader, self._check_input, assign != fold), False)

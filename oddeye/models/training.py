@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from oddeye.models.base import AnomalyModel, FitError, _CheckedBatches
+from oddeye.models.base import DEFAULT_FOLDS, AnomalyModel, FitError, _CheckedBatches
 from oddeye.progress import progress_bar
 
 __all__ = ["TrainResult", "TrainedAnomalyModel", "Trainer", "seed_everything"]
@@ -235,8 +235,6 @@ class TrainedAnomalyModel(AnomalyModel):
     automatic_optimization: bool = True
     scheduler_interval: str = "epoch"
     supports_amp: bool = True
-    # Held-out normalisation (AnomalyModel.fit): one extra training run on k-1 folds, not k of them.
-    heldout_fits = 1
 
     def __init__(self, image_size: tuple[int, int] | list[int] = (256, 256)) -> None:
         super().__init__(image_size=image_size)
@@ -278,7 +276,13 @@ class TrainedAnomalyModel(AnomalyModel):
         progress: bool = True,
         **kwargs: Any,
     ) -> AnomalyModel:
-        """``AnomalyModel.fit``, keeping the validation batches for early stopping; other options pass through."""
+        """``AnomalyModel.fit``, keeping the validation batches for early stopping; other options pass through.
+
+        Without ``val_loader`` the last of ``folds`` blocks of the training images is held out
+        (``holdout_split``): one training run, normalised on images the deployed model never saw.
+        """
+        if val_loader is None:
+            train_loader, val_loader = self.holdout_split(train_loader, kwargs.get("folds", DEFAULT_FOLDS))
         self._val_batches = None if val_loader is None else _CheckedBatches(val_loader, self._check_input)
         try:
             return super().fit(train_loader, val_loader, progress, **kwargs)
