@@ -57,8 +57,9 @@ def test_three_stages(fitted: Dsr, data: dict) -> None:
 
 
 @pytest.mark.xfail(
-    reason="DSR does not learn yet: after a short training its map is the same for every image "
-    "(the from-scratch VQ stage or the detection module collapses); under investigation",
+    reason="DSR does not learn in a test-sized budget: the VQ stage trained from scratch (no ImageNet "
+    "codebook here) renders swapped codes and the test's defects almost like normal ones, so the "
+    "detection module gets next to no signal and predicts its prior; see the DSR notes in issue 17",
     strict=False,
 )
 def test_detects_defects_above_normal(fitted: Dsr, data: dict) -> None:

@@ -15,6 +15,9 @@ https://arxiv.org/abs/2208.01476 — parameter names and defaults follow anomali
 The paper's VQ model is pretrained on ImageNet; those weights cannot be fetched here, so the VQ
 stage is trained first on the user's own images (``vq_source_path`` names another folder of
 images to use instead) for the first ``vq_train_ratio`` of the training steps. This is logged.
+Half of those images get textures pasted in (the shared synthesiser), so that the codebook and
+the general decoder also cover appearance other than the normal surface; the codebook learns by
+EMA, as the paper's VQ-VAE-2, and codes left unused are restarted on current features.
 """
 
 from __future__ import annotations
@@ -43,8 +46,14 @@ log = logging.getLogger(__name__)
 # Encoders reduce 8×, and the subspace restriction U-Nets pool the 1/8 features twice more.
 DOWNSAMPLING = 32
 COMMITMENT = 0.25
+# Codebook EMA decay of the VQ-VAE-2 model DSR pretrains.
+EMA_DECAY = 0.99
 # During the VQ stage, unused codes are moved onto current features every this many steps.
 RESTART_EVERY = 5
+# Latent anomalies never take a code among a feature's nearest 5 % (anomalib, as the paper's code).
+NEAR_CODES_KEPT = 0.05
+# The object-specific decoder's image loss weighs 10× the feature and focal losses (anomalib's DSR loss).
+IMAGE_LOSS_WEIGHT = 10.0
 
 
 class _Residual(nn.Module):
@@ -63,12 +72,18 @@ def _residual_stack(channels: int, layers: int, hidden: int) -> nn.Sequential:
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-codebook quantisation with a straight-through gradient and the VQ-VAE codebook/commitment loss."""
+    """Nearest-codebook quantisation with a straight-through gradient and the commitment loss.
+
+    The codebook is not learnt by gradient but by exponential moving averages of the features
+    assigned to each code (``update``), as in the VQ-VAE-2 model DSR's authors pretrain.
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
-        nn.init.uniform_(self.embedding.weight, -1 / num_embeddings, 1 / num_embeddings)
+        self.embedding.weight.requires_grad_(False)
+        self.register_buffer("ema_count", torch.ones(num_embeddings))
+        self.register_buffer("ema_sum", self.embedding.weight.detach().clone())
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
         """Squared distances [B*H*W, K] of feature vectors (x: [B, D, H, W]) to every code."""
@@ -81,27 +96,39 @@ class VectorQuantizer(nn.Module):
         return self.embedding(indices).view(b, h, w, d).permute(0, 3, 1, 2)
 
     @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """One EMA step of the codebook towards the mean of the features ``x`` [B, D, H, W] nearest each code."""
+        flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float()
+        onehot = torch.zeros(flat.shape[0], self.ema_count.numel(), device=x.device)
+        onehot.scatter_(1, self.distances(x).argmin(dim=1, keepdim=True), 1.0)
+        self.ema_count.mul_(EMA_DECAY).add_(onehot.sum(0), alpha=1 - EMA_DECAY)
+        self.ema_sum.mul_(EMA_DECAY).add_(onehot.t() @ flat, alpha=1 - EMA_DECAY)
+        n = self.ema_count.sum()
+        count = (self.ema_count + 1e-5) / (n + self.ema_count.numel() * 1e-5) * n  # Laplace smoothing
+        self.embedding.weight.copy_(self.ema_sum / count[:, None])
+
+    @torch.no_grad()
     def restart_dead_codes(self, x: torch.Tensor, generator: torch.Generator) -> int:
-        """Move codes no feature of ``x`` uses onto random features of ``x``; returns how many moved.
+        """Move the codes that (by their EMA count) fewer than one feature per batch uses onto random
+        features of ``x``; returns how many moved.
 
         Without this a codebook trained from scratch on a few images collapses onto a handful of
-        codes (the paper starts from an ImageNet-trained codebook instead).
+        codes (the paper starts from an ImageNet-trained codebook instead). The EMA count, not one
+        batch, decides, so the codes of rarer appearance are kept.
         """
         flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        used = torch.zeros(self.embedding.num_embeddings, dtype=torch.bool, device=x.device)
-        used[self.distances(x).argmin(dim=1)] = True
-        dead = (~used).nonzero().flatten()
+        dead = (self.ema_count < 1.0).nonzero().flatten()
         if dead.numel():
             pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator).to(x.device)
-            noise = 0.01 * flat.std() * torch.randn(dead.numel(), flat.shape[1], generator=generator).to(x.device)
-            self.embedding.weight[dead] = flat[pick] + noise
+            self.embedding.weight[dead] = flat[pick]
+            self.ema_count[dead] = 1.0
+            self.ema_sum[dead] = flat[pick]
         return int(dead.numel())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantised features (straight-through) and the VQ loss."""
+        """Quantised features (straight-through) and the commitment loss."""
         q = self.lookup(self.distances(x).argmin(dim=1), x.shape)
-        loss = mse_loss(q, x.detach()) + COMMITMENT * mse_loss(x, q.detach())
-        return x + (q - x).detach(), loss
+        return x + (q - x).detach(), COMMITMENT * mse_loss(x, q.detach())
 
 
 class DiscreteLatentModel(nn.Module):
@@ -132,13 +159,16 @@ class DiscreteLatentModel(nn.Module):
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Non-quantised and quantised features: ``top`` [B, D, H/8, W/8], ``bot`` [B, D, H/4, W/4]."""
-        enc_b = self.encoder_bot(images)
-        enc_t = self.encoder_top(enc_b)
-        top = self.pre_vq_top(enc_t)
+        enc_b = self.encoder_bot(images - 0.5)
+        top = self.pre_vq_top(self.encoder_top(enc_b))
         q_top, loss_t = self.vq_top(top)
-        bot = self.pre_vq_bot(torch.cat([enc_b, self.upsample_top(q_top)], dim=1))
+        bot = self.bot_features(enc_b, q_top)
         q_bot, loss_b = self.vq_bot(bot)
-        return {"top": top, "bot": bot, "q_top": q_top, "q_bot": q_bot, "vq_loss": loss_t + loss_b}
+        return {"enc_b": enc_b, "top": top, "bot": bot, "q_top": q_top, "q_bot": q_bot, "vq_loss": loss_t + loss_b}
+
+    def bot_features(self, enc_b: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
+        """The 1/4 features to quantise: the bottom encoder's output conditioned on the quantised top."""
+        return self.pre_vq_bot(torch.cat([enc_b, self.upsample_top(q_top)], dim=1))
 
     def decode(self, q_top: torch.Tensor, q_bot: torch.Tensor) -> torch.Tensor:
         return self.decoder(q_top, q_bot)
@@ -159,18 +189,22 @@ class QuantizedDecoder(nn.Module):
         )
 
     def forward(self, q_top: torch.Tensor, q_bot: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([self.upsample_top(q_top), q_bot], dim=1))
+        return self.net(torch.cat([self.upsample_top(q_top), q_bot], dim=1)) + 0.5
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    # Group norm: no running statistics, so the stages trained at different times stay consistent in eval mode.
-    groups = max(1, cout // 4)
+def _conv_block(cin: int, cout: int, instance_norm: bool) -> nn.Sequential:
+    def norm() -> nn.Module:
+        # Instance norm in the detection and upsampling modules (anomalib's); group norm in the subspace
+        # restriction U-Nets, whose deepest maps may be 1×1. Neither keeps running statistics, so the
+        # stages trained at different times stay consistent in eval mode.
+        return nn.InstanceNorm2d(cout) if instance_norm else nn.GroupNorm(max(1, cout // 4), cout)
+
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1),
-        nn.GroupNorm(groups, cout),
+        norm(),
         nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, padding=1),
-        nn.GroupNorm(groups, cout),
+        norm(),
         nn.ReLU(inplace=True),
     )
 
@@ -178,13 +212,14 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 class UNet(nn.Module):
     """A small U-Net: ``depth`` poolings, widths doubling (capped at 4× ``width``), skip connections."""
 
-    def __init__(self, cin: int, cout: int, width: int, depth: int) -> None:
+    def __init__(self, cin: int, cout: int, width: int, depth: int, instance_norm: bool = False) -> None:
         super().__init__()
         widths = [width * min(2**i, 4) for i in range(depth + 1)]
-        self.down = nn.ModuleList(
-            [_conv_block(cin, widths[0])] + [_conv_block(a, b) for a, b in itertools.pairwise(widths)]
+        pairs = [(cin, widths[0]), *itertools.pairwise(widths)]
+        self.down = nn.ModuleList(_conv_block(a, b, instance_norm) for a, b in pairs)
+        self.up = nn.ModuleList(
+            _conv_block(widths[i] + widths[i - 1], widths[i - 1], instance_norm) for i in range(depth, 0, -1)
         )
-        self.up = nn.ModuleList(_conv_block(widths[i] + widths[i - 1], widths[i - 1]) for i in range(depth, 0, -1))
         self.out = nn.Conv2d(widths[0], cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,9 +285,9 @@ class Dsr(TrainedAnomalyModel):
         self.restrict_bot = UNet(dim, dim, base_width, depth=2)
         # The object-specific decoder: the general decoder's shape, its own weights.
         self.object_decoder = QuantizedDecoder(num_hiddens, num_residual_layers, num_residual_hiddens, dim)
-        self.detection = UNet(6, 2, base_width, depth=3)
+        self.detection = UNet(6, 2, base_width, depth=3, instance_norm=True)
         # The upsampling module refines the detection logits: it adds a correction, starting from none.
-        self.upsampling = UNet(8, 2, base_width, depth=3)
+        self.upsampling = UNet(8, 2, base_width, depth=3, instance_norm=True)
         nn.init.zeros_(self.upsampling.out.weight)
         nn.init.zeros_(self.upsampling.out.bias)
         self._phase_steps = (0, 0)
@@ -266,28 +301,22 @@ class Dsr(TrainedAnomalyModel):
 
     # -- the forward passes of the stages
     def _latent_anomalies(self, quantizer: VectorQuantizer, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Swap the quantised features inside ``mask`` [B, 1, h, w] for codes further down the nearest list."""
-        b, d, h, w = features.shape
-        dist = quantizer.distances(features).view(b, h * w, -1)
-        out = quantizer.lookup(dist.argmin(dim=2).flatten(), features.shape)
-        n_codes = dist.shape[2]
-        for i in range(b):
-            where = mask[i, 0].flatten().bool()
-            if not bool(where.any()):
-                continue
-            strength = float(torch.empty(()).uniform_(self.latent_anomaly_strength, 1.0, generator=self._generator))
-            k = min(n_codes, max(2, int(strength * n_codes)))
-            d_masked = dist[i][where]  # [m, K]
-            # A random code among the k nearest, never the nearest itself (that is the normal code).
-            kth = d_masked.kthvalue(k, dim=1, keepdim=True).values
-            nearest = d_masked.argmin(dim=1, keepdim=True)
-            noise = torch.rand(d_masked.shape, generator=self._generator).to(d_masked.device)
-            noise = noise.masked_fill(d_masked > kth, -1.0).scatter(1, nearest, -1.0)
-            codes = quantizer.embedding(noise.argmax(dim=1))  # [m, D]
-            flat = out[i].permute(1, 2, 0).reshape(h * w, d).clone()
-            flat[where] = codes
-            out[i] = flat.view(h, w, d).permute(2, 0, 1)
-        return out
+        """Quantised ``features`` with the codes inside ``mask`` [B, 1, h, w] swapped for more distant ones.
+
+        Per image a strength s is drawn from [``latent_anomaly_strength``, 1]; each masked feature takes a
+        random code among its ``s * K`` nearest, skipping the nearest 5 % (those would look normal).
+        """
+        b, _, h, w = features.shape
+        n_codes = quantizer.embedding.num_embeddings
+        skip = max(1, int(n_codes * NEAR_CODES_KEPT))
+        order = quantizer.distances(features).view(b, h * w, n_codes).argsort(dim=2)
+        normal = quantizer.lookup(order[..., 0].flatten(), features.shape)
+        low = self.latent_anomaly_strength
+        strength = low + (1 - low) * torch.rand(b, generator=self._generator)
+        top_k = (strength * n_codes).long().add(1).clamp(skip + 1, n_codes)
+        rank = skip + (torch.rand(b, h * w, generator=self._generator) * (top_k - skip)[:, None]).long()
+        codes = order.gather(2, rank.to(order.device)[..., None]).flatten()
+        return normal * (1 - mask) + quantizer.lookup(codes, features.shape) * mask
 
     def _decode_both(self, q_top: torch.Tensor, q_bot: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """General and object-specific decodings of (possibly anomalous) quantised features, plus restored features."""
@@ -375,46 +404,69 @@ class Dsr(TrainedAnomalyModel):
     def training_step(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         phase = self._phase(step)
         if phase == 1:
-            images = batch
-            if self._vq_images is not None:
-                idx = torch.randint(0, len(self._vq_images), (batch.shape[0],), generator=self._generator)
-                images = self._vq_images[idx].to(batch.device)
-            enc = self.discrete.encode(images)
-            if step % RESTART_EVERY == 0:
-                self.discrete.vq_top.restart_dead_codes(enc["top"].detach(), self._generator)
-                self.discrete.vq_bot.restart_dead_codes(enc["bot"].detach(), self._generator)
-                enc = self.discrete.encode(images)
-            recon = self.discrete.decode(enc["q_top"], enc["q_bot"])
-            recon_loss = mse_loss(recon, images)
-            loss = recon_loss + enc["vq_loss"]
-            self._optimise(0, loss)
-            return {"loss": loss.detach(), "vq_recon": recon_loss.detach()}
+            return self._vq_step(batch, step)
         if phase == 2:
             return self._main_step(batch)
         return self._upsampling_step(batch)
+
+    def _vq_step(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """The VQ autoencoder (encoders, codebooks, general decoder) on the images, half of them with pasted
+        textures: the paper's VQ model has seen ImageNet and renders any appearance, defects included, and
+        one that has seen only the normal surface would quantise a defect back to normal codes."""
+        assert self.synthesizer is not None, "training_step runs inside Trainer.fit"
+        images = batch
+        if self._vq_images is not None:
+            idx = torch.randint(0, len(self._vq_images), (batch.shape[0],), generator=self._generator)
+            images = self._vq_images[idx].to(batch.device)
+        images, _ = self.synthesizer(images)
+        enc = self.discrete.encode(images)
+        if step % RESTART_EVERY == 0:
+            self.discrete.vq_top.restart_dead_codes(enc["top"].detach(), self._generator)
+            self.discrete.vq_bot.restart_dead_codes(enc["bot"].detach(), self._generator)
+            enc = self.discrete.encode(images)
+        self.discrete.vq_top.update(enc["top"].detach())
+        self.discrete.vq_bot.update(enc["bot"].detach())
+        recon = self.discrete.decode(enc["q_top"], enc["q_bot"])
+        recon_loss = mse_loss(recon, images)
+        loss = recon_loss + enc["vq_loss"]
+        self._optimise(0, loss)
+        return {"loss": loss.detach(), "vq_recon": recon_loss.detach()}
+
+    def _perlin_masks(self, n: int, size: tuple[int, int]) -> torch.Tensor:
+        """[n, 1, H, W]: a non-empty Perlin mask for about half the images, none for the others."""
+        masks = torch.zeros(n, 1, *size)
+        for i in range(n):
+            if float(torch.rand((), generator=self._generator)) < 0.5:
+                masks[i, 0] = perlin_mask(size, self._generator, min_area=1 / (size[0] * size[1]))
+        return masks
 
     def _main_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         b, _, h, w = batch.shape
         with torch.no_grad():
             enc = self.discrete.encode(batch)
-            # Perlin masks drawn at the 1/4 feature grid (never empty for an anomalous image); a 1/8 cell is
-            # anomalous when any of its 1/4 cells is, and the pixel mask covers both.
-            hb, wb = enc["q_bot"].shape[-2:]
-            m_bot = torch.zeros(b, 1, hb, wb)
-            for i in range(b):
-                if float(torch.rand((), generator=self._generator)) < 0.5:
-                    m_bot[i, 0] = perlin_mask((hb, wb), self._generator, min_area=1 / (hb * wb))
-            m_bot = m_bot.to(batch.device)
-            m_top = max_pool2d(m_bot, 2)
+            # Perlin masks at image resolution; a feature cell is anomalous when any of its pixels is.
+            mask = self._perlin_masks(b, (h, w)).to(batch.device)
+            m_top = max_pool2d(mask, h // enc["q_top"].shape[-2])
+            m_bot = max_pool2d(mask, h // enc["q_bot"].shape[-2])
             a_top = self._latent_anomalies(self.discrete.vq_top, enc["top"], m_top)
+            # Anomalies in the top codes, the bottom codes, or both (then the bottom features are
+            # recomputed from the anomalous top first), as in the paper's code.
+            a_bot_both = self._latent_anomalies(
+                self.discrete.vq_bot, self.discrete.bot_features(enc["enc_b"], a_top), m_bot
+            )
             a_bot = self._latent_anomalies(self.discrete.vq_bot, enc["bot"], m_bot)
-            mask = interpolate(torch.maximum(m_bot, interpolate(m_top, size=(hb, wb))), size=(h, w))
-        general, specific, nq_top, nq_bot = self._decode_both(a_top, a_bot)
-        seg = torch.softmax(self.detection(torch.cat([specific, general.detach()], dim=1)), dim=1)[:, 1:]
+            mode = torch.randint(0, 4, (b, 1, 1, 1), generator=self._generator).to(batch.device)
+            both, top_only, bot_only = mode < 2, mode == 2, mode == 3
+            q_top = torch.where(bot_only, enc["q_top"], a_top)
+            q_bot = torch.where(both, a_bot_both, torch.where(top_only, enc["q_bot"], a_bot))
+            target = torch.where(bot_only, interpolate(m_bot, size=(h, w)), interpolate(m_top, size=(h, w)))
+        general, specific, nq_top, nq_bot = self._decode_both(q_top, q_bot)
+        # The detection module learns from the two decodings; its loss does not reach the decoders.
+        seg = torch.softmax(self.detection(torch.cat([specific.detach(), general], dim=1)), dim=1)[:, 1:]
         feat_loss = mse_loss(nq_top, enc["q_top"]) + mse_loss(nq_bot, enc["q_bot"])
         image_loss = mse_loss(specific, batch)
-        seg_loss = focal_loss(seg, mask)
-        loss = feat_loss + image_loss + seg_loss
+        seg_loss = focal_loss(seg, target)
+        loss = feat_loss + IMAGE_LOSS_WEIGHT * image_loss + seg_loss
         self._optimise(1, loss)
         return {
             "loss": loss.detach(),
