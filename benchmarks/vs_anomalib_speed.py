@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-ANOMALIB_PYTHON = ROOT / ".venv-anomalib" / "bin" / "python"
+from anomalib_common import ANOMALIB_PYTHON, BACKBONE, ROOT, anomalib_missing, load_backbone, subprocess_env
+
 MODELS = ("padim", "patchcore", "dfm", "dfkde")
 # configs/bench/*.yaml, in each library's parameter names.
 PARAMS: dict[str, dict[str, Any]] = {
@@ -41,7 +40,6 @@ PARAMS: dict[str, dict[str, Any]] = {
     "dfm": {"layer": "blocks.4", "pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre"},
     "dfkde": {"layers": ["blocks.6"], "n_pca_components": 16, "feature_scaling_method": "scale"},
 }
-BACKBONE = "efficientnet_lite0"
 HEADER = (
     "| model | oddeye img/s | anomalib img/s | ratio (median of pairs) "
     "| oddeye AUROC | anomalib AUROC | oddeye fit s | anomalib fit s |"
@@ -127,12 +125,9 @@ def run_anomalib(name: str, data_path: str, weights_path: str, batch: int, batch
             n_pca_components=p["n_pca_components"],
             feature_scaling_method=FeatureScalingMethod(p["feature_scaling_method"]),
         )
-    state = torch.load(weights_path, weights_only=True)
+    extra = load_backbone(model.feature_extractor, weights_path, name)
     if name == "padim":  # oddeye's random channel subset, so both fit the same Gaussians
-        model.idx = state.pop("_padim_idx").to(model.idx)
-    missing, _unexpected = model.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
-    if missing:
-        raise RuntimeError(f"anomalib {name}: backbone weights missing {missing[:5]}")
+        model.idx = extra["padim_idx"].to(model.idx)
     model.feature_extractor.eval()
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -205,15 +200,13 @@ def make_data(category: str, n_train: int, path: Path) -> None:
 def save_backbone(name: str, path: Path) -> None:
     """oddeye's offline EfficientNet-Lite0 weights for this model's layers, as a timm features_only state_dict
     (plus PaDiM's channel subset)."""
-    import torch
+    from anomalib_common import save_backbone as save
 
     from oddeye.models.base import create_model
 
     model = create_model(name, backbone=BACKBONE, weights=f"offline:{BACKBONE}", **PARAMS[name])
-    state = model.feature_extractor.feature_extractor.state_dict()
-    if name == "padim":
-        state["_padim_idx"] = model.idx  # oddeye's seeded channel subset, for anomalib's PaDiM too
-    torch.save(state, path)
+    # PaDiM: oddeye's seeded channel subset, for anomalib's PaDiM too
+    save(model.feature_extractor, path, **({"padim_idx": model.idx} if name == "padim" else {}))
 
 
 class _Worker:
@@ -267,13 +260,7 @@ def _bench_model(name: str, args: argparse.Namespace, data: Path, weights: Path)
 
     common = [f"--model={name}", f"--data={data}", f"--batch={args.batch}", f"--batches={args.batches}"]
     common += [f"--threads={args.threads}", f"--weights={weights}"]
-    # A fixed malloc mmap threshold on both sides: with glibc's adaptive one, anomalib's k-center greedy
-    # (a fresh [N, D] temporary per step) grew to 20 GB on the dev VM and was OOM-killed mid-fit.
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
-    }
+    env = subprocess_env()
     row: dict[str, Any] = {"model": name}
     workers: dict[str, _Worker] = {}
     try:
@@ -321,8 +308,8 @@ def main() -> int:
     if args.side == "oddeye":
         run_oddeye(args.model, args.data, args.batch, args.batches)
         return 0
-    if not ANOMALIB_PYTHON.is_file():
-        print(f"{ANOMALIB_PYTHON} is missing: run `bash benchmarks/anomalib_env.sh` first", file=sys.stderr)
+    if missing := anomalib_missing():
+        print(missing, file=sys.stderr)
         return 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
