@@ -1,7 +1,7 @@
 """Reverse Distillation: a decoder rebuilds a frozen encoder's features from a one-class embedding (Deng & Li, 2022).
 
 https://arxiv.org/abs/2201.10703 — parameter names and training defaults follow anomalib's
-``ReverseDistillation`` (Adam, lr 0.005, betas (0.5, 0.999), cosine loss, ``anomaly_map_mode``).
+``ReverseDistillation`` (Adam, lr 0.005, betas (0.5, 0.99), cosine loss, ``anomaly_map_mode``).
 The one-class bottleneck (OCBE) and the decoder are built from the encoder's layer widths and
 strides (found by a dry run), so any timm backbone works, not only ResNets.
 """
@@ -149,7 +149,7 @@ class ReverseDistillation(TrainedAnomalyModel):
         weights: str | None = None,
         lr: float = 0.005,
         beta1: float = 0.5,
-        beta2: float = 0.999,
+        beta2: float = 0.99,
         max_epochs: int | None = 200,
         max_steps: int | None = None,
         seed: int | None = 0,
