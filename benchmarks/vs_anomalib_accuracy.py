@@ -51,6 +51,8 @@ from typing import Any
 from anomalib_common import ANOMALIB_PYTHON, ROOT, anomalib_missing, load_backbone, subprocess_env
 
 MODELS = ("stfpm", "reverse_distillation")
+
+
 # ----------------------------------------------------------------------------- anomalib side (in its venv)
 def run_anomalib(name: str, params: dict[str, Any], data_path: str, weights: str, max_epochs: int, out: str) -> None:
     """Train anomalib's Lightning model with ``Engine`` and write its raw test scores and maps to ``out``."""
