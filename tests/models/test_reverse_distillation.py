@@ -49,7 +49,7 @@ def test_registered_with_anomalib_defaults() -> None:
     assert model.anomaly_map_mode == AnomalyMapGenerationMode.ADD
     opt = model.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)
-    assert opt.defaults["lr"] == 0.005 and opt.defaults["betas"] == (0.5, 0.999)
+    assert opt.defaults["lr"] == 0.005 and opt.defaults["betas"] == (0.5, 0.99)
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert trained == {id(p) for m in (model.decoder, model.bottleneck) for p in m.parameters()}
     assert not any(p.requires_grad for p in model.encoder.parameters())
