@@ -264,8 +264,11 @@ def test_model_node_killed_mid_stream_from_kafka_loses_no_frame(
         model_nodes = _placement(cluster, before, names)["model"]
         assert len(model_nodes) == 1 and model_nodes[0] in MODEL_NODES, model_nodes
         victim = model_nodes[0]
-        stores = [a["node_id"] for a in cluster.query("actors")
-                  if a["class_name"] == "CheckpointStore" and a["actor_id"] not in before]
+        stores = [
+            a["node_id"]
+            for a in cluster.query("actors")
+            if a["class_name"] == "CheckpointStore" and a["actor_id"] not in before
+        ]
         assert stores == [names["head"]], f"the checkpoint holder must live on the driver's node: {stores}"
         while len(_lines(scores)) < FIRST + 16:
             assert run.poll() is None, _output(run)[1][-4000:]
