@@ -363,11 +363,8 @@ class AnomalyModel(nn.Module):
         int id per item: which video or recording it comes from, used to fold by video).
         """
         self.eval()
-        if val_loader is None and iter(train_loader) is train_loader:
-            raise FitError(
-                "fit needs a re-iterable train_loader (a list, a DataLoader) to hold out folds for the normalisation, "
-                "or a val_loader of held-out normal images; got a one-shot iterator"
-            )
+        if val_loader is None:
+            _require_reiterable(train_loader)
         template = None
         if val_loader is None and type(self).heldout_scores is AnomalyModel.heldout_scores:
             template = self.copy_sharing_backbone()  # the unfitted model, copied for the fold fits
@@ -396,11 +393,7 @@ class AnomalyModel(nn.Module):
         model's (a trained model's score scale moves with its training). The last fold is the
         latest block of a stream, or its last videos. Fewer than two folds: (loader, None).
         """
-        if iter(train_loader) is train_loader:
-            raise FitError(
-                "fit needs a re-iterable train_loader (a list, a DataLoader) to hold out images for the "
-                "normalisation, or a val_loader of held-out normal images; got a one-shot iterator"
-            )
+        _require_reiterable(train_loader)
         seen = _CheckedBatches(train_loader, self._check_input)
         for _ in seen:
             pass
@@ -628,6 +621,15 @@ class _Subset:
                 yield images
             elif sel.any():
                 yield images[sel.to(images.device)]
+
+
+def _require_reiterable(train_loader: Iterable[Any]) -> None:
+    """Holding images out for the normalisation reads ``train_loader`` more than once: a one-shot iterator can't."""
+    if iter(train_loader) is train_loader:
+        raise FitError(
+            "fit needs a re-iterable train_loader (a list, a DataLoader) to hold out images for the normalisation, "
+            "or a val_loader of held-out normal images; got a one-shot iterator"
+        )
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
