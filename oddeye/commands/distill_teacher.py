@@ -24,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="backbone weights: offline:efficientnet_lite0, a local state_dict file, or omit for timm's download",
     )
     parser.add_argument("--layers", nargs="+", help="backbone layers to distil (default: a set with >= 384 channels)")
-    parser.add_argument("--images", required=True, help="folder of natural images, searched recursively")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="folder of natural images, searched recursively, or 'bundled' for scikit-image's photos (no download)",
+    )
     parser.add_argument("--out", required=True, help="teacher file to write (use it as teacher_weights)")
     parser.add_argument("--model-size", default="small", choices=["small", "medium", "S", "M"])
     parser.add_argument("--teacher-out-channels", type=int, default=384)
@@ -53,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        images = NaturalImages.from_folder(args.images)
+        images = NaturalImages.bundled() if args.images == "bundled" else NaturalImages.from_folder(args.images)
         extractor = TimmFeatureExtractor(args.backbone, layers, pre_trained=args.weights is None, weights=args.weights)
         target = TeacherTarget(extractor, args.teacher_out_channels, args.backbone_scale)
         print(
             f"oddeye distill-teacher: {args.model_size} PDN, {args.teacher_out_channels} channels, from "
-            f"{args.backbone} {layers} on {len(images)} images in {args.images}; {args.steps} steps on {device}",
+            f"{args.backbone} {layers} on {len(images)} images in {images.source}; {args.steps} steps on {device}",
             flush=True,
         )
         result = distill_teacher(

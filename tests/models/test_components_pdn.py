@@ -134,3 +134,7 @@ def test_distill_teacher_command(tmp_path: Path) -> None:
     assert read_teacher_file(out, "small", 32).keys() == PDN(32).state_dict().keys()
     (tmp_path / "empty").mkdir()
     assert main([*argv[:-1], "cpu", "--weights", str(state_file), "--images", str(tmp_path / "empty")]) == 2
+    # `--images bundled`: scikit-image's photos, no folder needed
+    out.unlink()
+    assert main([*argv, "--weights", str(state_file), "--images", "bundled"]) == 0
+    assert read_teacher_file(out, "small", 32).keys() == PDN(32).state_dict().keys()
