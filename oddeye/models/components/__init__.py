@@ -2,6 +2,7 @@
 
 from oddeye.models.components.blur import GaussianBlur2d, gaussian_kernel1d
 from oddeye.models.components.buffers import DynamicBufferMixin
+from oddeye.models.components.feature_cache import FrozenFeatureCache, batch_fingerprint
 from oddeye.models.components.feature_extractor import TimmFeatureExtractor, WeightsUnavailableError, read_state_dict
 from oddeye.models.components.fx_feature_extractor import TorchFXFeatureExtractor
 from oddeye.models.components.gmm import GaussianMixture
@@ -24,6 +25,7 @@ __all__ = [
     "PCA",
     "DynamicBufferMixin",
     "FeatureScalingMethod",
+    "FrozenFeatureCache",
     "GaussianAccumulator",
     "GaussianBlur2d",
     "GaussianKDE",
@@ -39,6 +41,7 @@ __all__ = [
     "TorchFXFeatureExtractor",
     "ViTFeatureExtractor",
     "WeightsUnavailableError",
+    "batch_fingerprint",
     "gaussian_kernel1d",
     "johnson_lindenstrauss_min_dim",
     "knn",

@@ -10,13 +10,13 @@ of each position's latent likelihood, and the image score its maximum.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from oddeye.models.base import register
-from oddeye.models.components import TimmFeatureExtractor
+from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
 from oddeye.models.components.flows import (
     alternating_kernel_sizes,
     check_feature_sizes,
@@ -81,11 +81,19 @@ class Fastflow(TrainedAnomalyModel):
             )
             for i, shape in enumerate(shapes)
         )
+        self._feature_cache = FrozenFeatureCache()  # the frozen backbone's maps of the training batches
 
-    def _latents(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        features = self.feature_extractor(images.to(self.norms[0].weight.device))
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.feature_extractor(images.to(self.norms[0].weight.device)).values())
+
+    def _latents(
+        self, images: torch.Tensor, features: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Latents and log-Jacobians per scale (``features``: the backbone's maps of ``images``, if known)."""
+        if features is None:
+            features = self._features(images)
         zs, jacs = [], []
-        for fmap, norm, flow in zip(features.values(), self.norms, self.flows, strict=True):
+        for fmap, norm, flow in zip(features, self.norms, self.flows, strict=True):
             z, jac = flow(norm(fmap))
             zs.append(z)
             jacs.append(jac)
@@ -96,8 +104,16 @@ class Fastflow(TrainedAnomalyModel):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
+    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
+        super().on_train_start(batches)
+        self._feature_cache.clear()
+
+    def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
+        super().on_train_end(batches)
+        self._feature_cache.clear()
+
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
-        zs, jacs = self._latents(batch)
+        zs, jacs = self._latents(batch, self._feature_cache.get(batch, self._features))
         return sum(nll_loss(z, jac) for z, jac in zip(zs, jacs, strict=True))
 
     # -- scoring

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from oddeye.models.base import register
-from oddeye.models.components import TimmFeatureExtractor
+from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
 from oddeye.models.components.vit_features import ViTFeatureExtractor, is_vit
 from oddeye.models.training import TrainedAnomalyModel
 
@@ -44,8 +44,6 @@ FAKE_FEATURE_TYPES = (
 )
 # Strategies that pick patches by the class token's attention: they need a ViT with a class token.
 _NEEDS_ATTENTION = {"attn", "copy_out", "shuffle"}
-# Frozen features of the training images are kept between epochs up to this size.
-_FEATURE_CACHE_BYTES = 2 << 30
 
 
 class _AttentionBlock(nn.Module):
@@ -156,8 +154,7 @@ class GeneralAD(TrainedAnomalyModel):
         self.top_k = self.num_patches if top_k < 0 else min(int(top_k), self.num_patches)
         self.num_fake_patches = self.num_patches if num_fake_patches < 0 else min(num_fake_patches, self.num_patches)
         self.discriminator = PatchDiscriminator(dim, hidden_dim, self.num_patches, dsc_layers, dsc_heads, dsc_dropout)
-        self._cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._cache_bytes = 0
+        self._feature_cache = FrozenFeatureCache()
 
     @property
     def device(self) -> torch.device:
@@ -190,15 +187,7 @@ class GeneralAD(TrainedAnomalyModel):
 
     def _training_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The frozen features of a training batch, computed once and reused every epoch (memory allowing)."""
-        key = _fingerprint(images)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._patch_features(images, attention=self.uses_attention)
-            size = sum(t.numel() * t.element_size() for t in hit if t is not None)
-            if self._cache_bytes + size <= _FEATURE_CACHE_BYTES:
-                self._cache[key] = hit
-                self._cache_bytes += size
-        return hit
+        return self._feature_cache.get(images, lambda x: self._patch_features(x, attention=self.uses_attention))
 
     # -- pseudo-anomalies: each returns (features, mask [B, N] of the patches made anomalous)
     def _count(self, limit: int) -> int:
@@ -240,10 +229,12 @@ class GeneralAD(TrainedAnomalyModel):
         return [opt], [cosine]
 
     def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        self._cache, self._cache_bytes = {}, 0
+        super().on_train_start(batches)
+        self._feature_cache.clear()
 
     def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
-        self._cache, self._cache_bytes = {}, 0
+        super().on_train_end(batches)
+        self._feature_cache.clear()
 
     def training_step(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         features, attn = self._training_features(batch)
@@ -286,10 +277,3 @@ def _balanced_bce(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if picked.numel():
             loss = loss + F.binary_cross_entropy_with_logits(picked, torch.full_like(picked, float(value)))
     return loss
-
-
-def _fingerprint(images: torch.Tensor) -> tuple[Any, ...]:
-    """A cheap key that tells training batches apart (shape and a few sums of the pixels)."""
-    flat = images.detach().flatten(1).float()
-    probe = flat[:, :: max(1, flat.shape[1] // 4099)].sum(1)
-    return (tuple(images.shape), float(flat.sum()), *(round(float(v), 4) for v in probe))
