@@ -87,6 +87,17 @@ def test_synthesis_pastes_only_inside_the_mask() -> None:
     assert torch.equal(same, images) and float(none.sum()) == 0
 
 
+def test_draem_beta_is_the_textures_opacity() -> None:
+    """anomalib's convention: inside the mask, texture × beta + image × (1 − beta); beta=(0.1, 1.0) never hides it."""
+    images = torch.full((4, 3, 32, 32), 0.5)
+    full, masks = AnomalySynthesizer(style="draem", beta=1.0, p_anomalous=1.0, seed=3)(images)
+    faint, masks_faint = AnomalySynthesizer(style="draem", beta=0.1, p_anomalous=1.0, seed=3)(images)
+    assert torch.equal(masks, masks_faint)  # the same draws: only the opacity differs
+    inside = (masks == 1).expand_as(images)
+    assert float((full - images).abs()[inside].mean()) > 0.05
+    assert torch.allclose((faint - images)[inside], 0.1 * (full - images)[inside], atol=1e-5)
+
+
 def test_texture_folder_is_used(tmp_path: Path) -> None:
     red = np.zeros((20, 20, 3), np.uint8)
     red[..., 0] = 255

@@ -341,9 +341,13 @@ class AnomalySynthesizer:
     """Pastes augmented textures into images through Perlin masks: (images, masks) for training.
 
     ``style="draem"``: each image gets a defect with probability ``p_anomalous``; the texture's
-    opacity ``1 - beta`` with ``beta`` uniform in the ``beta`` range (anomalib's ``beta=(0.1, 1.0)``).
-    ``style="glass"``: every image gets a defect, with ``beta`` drawn from N(0.5, 0.1) clipped to
-    [0.2, 0.8], as in the GLASS paper's Local Anomaly Synthesis.
+    opacity is ``beta``, uniform in the ``beta`` range (anomalib's name, range and blend:
+    ``beta=(0.1, 1.0)``, texture × beta + image × (1 − beta) inside the mask). DRAEM's own code
+    writes the blend the other way round with beta in [0, 0.8]; either way the texture shows at
+    opacity 0.1–1, never near 0, so that no masked "defect" is invisible.
+    ``style="glass"``: every image gets a defect; the image keeps weight ``beta`` drawn from
+    N(0.5, 0.1) clipped to [0.2, 0.8] and the texture ``1 − beta``, as in GLASS's Local Anomaly
+    Synthesis.
     ``seed``: the generator behind every draw; the same seed gives the same defects.
     """
 
@@ -390,9 +394,10 @@ class AnomalySynthesizer:
             min_area=1.0 / (size[0] * size[1]),
         )
 
-    def _beta(self) -> float:
+    def _opacity(self) -> float:
+        """The texture's weight inside the mask."""
         if self.style == "glass":
-            return float(torch.normal(0.5, 0.1, (), generator=self.generator).clamp(0.2, 0.8))
+            return 1.0 - float(torch.normal(0.5, 0.1, (), generator=self.generator).clamp(0.2, 0.8))
         return _uniform(self.generator, *self.beta)
 
     @torch.no_grad()
@@ -406,9 +411,9 @@ class AnomalySynthesizer:
                 continue
             mask = self.mask((h, w))
             texture = augment(self.textures.sample((h, w), self.generator), self.generator, self.style)
-            beta = self._beta()
+            opacity = self._opacity()
             m = mask[None]
-            out[i] = out[i] * (1 - m) + (1 - beta) * texture * m + beta * out[i] * m
+            out[i] = out[i] * (1 - m) + opacity * texture * m + (1 - opacity) * out[i] * m
             masks[i, 0] = mask
         return out.to(images.device, images.dtype), masks.to(images.device, images.dtype)
 
