@@ -12,8 +12,12 @@ import torch
 from oddeye.models.components import FrozenFeatureCache, batch_fingerprint
 from oddeye.models.image.cflow import Cflow
 from oddeye.models.image.csflow import Csflow
+from oddeye.models.image.efficient_ad import EfficientAd
 from oddeye.models.image.fastflow import Fastflow
 from oddeye.models.image.general_ad import GeneralAD
+from oddeye.models.image.glass import Glass
+from oddeye.models.image.reverse_distillation import ReverseDistillation
+from oddeye.models.image.stfpm import Stfpm
 from oddeye.models.image.uflow import Uflow
 from oddeye.models.training import TrainedAnomalyModel, Trainer
 from tests.models.helpers import SIZE, defect_data
@@ -43,11 +47,35 @@ TINY: dict[str, Callable[[], TrainedAnomalyModel]] = {
         fake_feature_type="random",
         image_size=(SIZE, SIZE),
     ),
+    "stfpm": lambda: Stfpm(backbone="resnet18", layers=["layer1", "layer2"], **COMMON),
+    "reverse_distillation": lambda: ReverseDistillation(backbone="resnet18", layers=["layer1", "layer2"], **COMMON),
+    "efficient_ad": lambda: EfficientAd(
+        teacher_out_channels=16, imagenet_dir=None, max_epochs=3, max_steps=None, image_size=(SIZE, SIZE)
+    ),
+    "glass": lambda: Glass(
+        backbone="resnet18",
+        layers=["layer1", "layer2"],
+        pretrain_embed_dim=64,
+        target_embed_dim=64,
+        discriminator_hidden=64,
+        step=2,
+        **COMMON,
+    ),
 }
+# The frozen network whose forwards are counted, where it is not ``feature_extractor``.
+FROZEN = {"stfpm": "teacher", "reverse_distillation": "encoder", "efficient_ad": "teacher"}
 # Backbone forwards per training batch: CS-Flow runs it on three input scales.
 FORWARDS_PER_BATCH = {"csflow": 3}
-# CFLOW rescans the training batches after the last step (each layer's largest likelihood).
+# Passes over the training batches before the first step (EfficientAd's teacher statistics, GLASS's
+# centre), whose features the steps reuse, and after the last one (CFLOW's largest likelihoods).
+START_PASS = {"efficient_ad": 1, "glass": 1}
 END_PASS = {"cflow": 1}
+# EfficientAd's map quantiles rescan the training batches only when it has no held-out images (as here:
+# ``Trainer.fit`` alone); that scoring pass recomputes the teacher, with or without the cache.
+UNCACHED_END_PASS = {"efficient_ad": 1}
+# The frozen network also sees images drawn anew every step (EfficientAd's augmented batch, GLASS's
+# LAS images), which are never cached: only its forwards on the training images themselves count.
+TRAINING_IMAGES_ONLY = {"efficient_ad", "glass"}
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +154,20 @@ def test_clear_empties_it() -> None:
 
 
 # -- the models that use it
-def _count_forwards(model: TrainedAnomalyModel) -> list[int]:
-    count = [0]
-    forward = model.feature_extractor.forward
+def _count_forwards(
+    model: TrainedAnomalyModel, name: str = "feature_extractor", only: list[torch.Tensor] | None = None
+) -> list[int]:
+    """Forwards of ``model.<name>`` ([counted, others]); with ``only``, just those on one of those batches."""
+    count = [0, 0]
+    network = getattr(model, name)
+    forward = network.forward
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        count[0] += 1
-        return forward(*args, **kwargs)
+    def counted(images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        hit = only is None or any(images.shape == b.shape and torch.equal(images, b) for b in only)
+        count[0 if hit else 1] += 1
+        return forward(images, *args, **kwargs)
 
-    model.feature_extractor.forward = counted  # type: ignore[method-assign]
+    network.forward = counted  # type: ignore[method-assign]
     return count
 
 
@@ -142,16 +175,21 @@ def _count_forwards(model: TrainedAnomalyModel) -> list[int]:
 def test_a_fit_runs_the_backbone_once_per_batch(name: str, batches: list[torch.Tensor]) -> None:
     epochs = 3
     per_batch = FORWARDS_PER_BATCH.get(name, 1)
-    passes = {}
+    only = batches if name in TRAINING_IMAGES_ONLY else None
+    passes, others = {}, {}
     for cached in (True, False):
         model = TINY[name]()
         if not cached:
             model._feature_cache = FrozenFeatureCache(max_bytes=0)
-        count = _count_forwards(model)
+        count = _count_forwards(model, FROZEN.get(name, "feature_extractor"), only)
         Trainer(max_epochs=epochs, seed=0, progress=False).fit(model, batches)
         passes[cached] = count[0] / (len(batches) * per_batch)
+        others[cached] = count[1] / len(batches)
         assert len(model._feature_cache) == 0  # nothing outlives the fit
-    assert passes == {True: 1, False: epochs + END_PASS.get(name, 0)}
+    end = UNCACHED_END_PASS.get(name, 0)
+    assert passes == {True: 1 + end, False: START_PASS.get(name, 0) + epochs + END_PASS.get(name, 0) + end}
+    # The per-step random images (augmented, synthesised) go through the frozen network every step either way.
+    assert others == ({True: epochs, False: epochs} if only is not None else {True: 0, False: 0})
 
 
 @pytest.mark.parametrize("name", list(TINY))

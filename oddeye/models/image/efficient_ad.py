@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from oddeye.models.base import FitError, register
+from oddeye.models.components import FrozenFeatureCache
 from oddeye.models.components.natural_images import NaturalImages
 from oddeye.models.components.pdn import PDN, EfficientAdModelSize, PDNAutoencoder, read_teacher_file
 from oddeye.models.training import TrainedAnomalyModel
@@ -104,6 +105,9 @@ class EfficientAd(TrainedAnomalyModel):
         self._penalty: NaturalImages | None = None
         self._rng = np.random.default_rng(seed)
         self._total_steps = int(max_steps or 1 << 30)  # set from the data in on_train_start
+        # The frozen teacher's raw output on the (unaugmented) training batches; never the augmented
+        # or ImageNet-penalty images, which are drawn anew every step.
+        self._feature_cache = FrozenFeatureCache()
 
     @property
     def device(self) -> torch.device:
@@ -172,11 +176,21 @@ class EfficientAd(TrainedAnomalyModel):
 
     @torch.no_grad()
     def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        """Teacher channel mean and std over the training set; the step count for the LR drop."""
+        """Teacher channel mean and std over the training set; the step count for the LR drop.
+
+        Off CUDA this pass's teacher outputs are kept for the training steps: the Trainer autocasts only
+        on CUDA, so elsewhere they are exactly what each step would compute. On CUDA the steps' teacher
+        runs under autocast and caches its own outputs in the first epoch.
+        """
+        super().on_train_start(batches)
+        self._feature_cache.clear()
         total = sq = None
         n, count = 0, 0
         for batch in batches:
-            out = self.teacher(batch).double()
+            if batch.device.type == "cuda":
+                out = self.teacher(batch).double()
+            else:
+                out = self._feature_cache.get(batch, self.teacher).double()
             total = out.sum(dim=(0, 2, 3)) if total is None else total + out.sum(dim=(0, 2, 3))
             sq = out.pow(2).sum(dim=(0, 2, 3)) if sq is None else sq + out.pow(2).sum(dim=(0, 2, 3))
             n += out.shape[0] * out.shape[2] * out.shape[3]
@@ -190,13 +204,16 @@ class EfficientAd(TrainedAnomalyModel):
         self._total_steps = max(1, min(steps))
         self._rng = np.random.default_rng(self.seed)
 
-    def _teacher(self, images: torch.Tensor) -> torch.Tensor:
+    def _teacher(self, images: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's normalised output (``raw``: ``self.teacher(images)``, if known)."""
         with torch.no_grad():
-            return (self.teacher(images) - self.mean) / self.std
+            return ((self.teacher(images) if raw is None else raw) - self.mean) / self.std
 
     def training_step(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         c = self.teacher_out_channels
-        teacher = self._teacher(batch)
+        # The plain batch's teacher output is cached (mean and std stay fixed during the steps); the
+        # augmented batch's below is not: the augmentation is drawn anew every step.
+        teacher = self._teacher(batch, self._feature_cache.get(batch, self.teacher))
         student = self.student(batch)
         distance = (teacher - student[:, :c]).pow(2)
         hard = torch.quantile(distance.detach().flatten()[:_QUANTILE_MAX].float(), self.q_st) if self.q_st > 0 else None
@@ -222,6 +239,8 @@ class EfficientAd(TrainedAnomalyModel):
     @torch.no_grad()
     def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
         """Map quantiles over held-out normal images (the validation loader, else the training batches)."""
+        super().on_train_end(batches)
+        self._feature_cache.clear()
         source = self._val_batches if self._val_batches is not None else batches
         st, ae = [], []
         for batch in source:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.functional import adaptive_avg_pool1d, interpolate, unfold
 
 from oddeye.models.base import register
-from oddeye.models.components import GaussianBlur2d, TimmFeatureExtractor
+from oddeye.models.components import FrozenFeatureCache, GaussianBlur2d, TimmFeatureExtractor
 from oddeye.models.components.losses import binary_cross_entropy, focal_loss
 from oddeye.models.components.synthesis import AnomalySynthesizer, resize_mask
 from oddeye.models.training import TrainedAnomalyModel
@@ -162,6 +162,9 @@ class Glass(TrainedAnomalyModel):
         # The mean adapted feature per patch position (the hypersphere centre of ``svd=1``).
         self.register_buffer("center", torch.zeros(grid[0] * grid[1], self.target_embed_dim))
         self.synthesizer: AnomalySynthesizer | None = None
+        # The frozen backbone's patch features of the NORMAL training batches (before the adaptor, which
+        # trains); never those of the LAS images, which are synthesised anew every step.
+        self._feature_cache = FrozenFeatureCache()
 
     @property
     def device(self) -> torch.device:
@@ -202,8 +205,9 @@ class Glass(TrainedAnomalyModel):
             stacked = torch.cat(per_layer, dim=1).reshape(-1, 1, len(maps) * self.pretrain_embed_dim)
             return adaptive_avg_pool1d(stacked, self.target_embed_dim).squeeze(1)
 
-    def _adapted(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projection(self._patch_features(images))
+    def _adapted(self, images: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapted patch features (``features``: ``_patch_features(images)``, if known)."""
+        return self.projection(self._patch_features(images) if features is None else features)
 
     # -- training
     def configure_optimizers(self) -> Any:
@@ -214,18 +218,29 @@ class Glass(TrainedAnomalyModel):
 
     @torch.no_grad()
     def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
+        """The LAS synthesiser; the mean adapted feature per patch position.
+
+        Off CUDA this pass's patch features are kept for the training steps: the Trainer autocasts only
+        on CUDA, so elsewhere they are exactly what each step would compute. On CUDA the steps' backbone
+        runs under autocast and caches its own features in the first epoch.
+        """
+        super().on_train_start(batches)
+        self._feature_cache.clear()
         self.synthesizer = AnomalySynthesizer(
             self.anomaly_source_path, style="glass", seed=self.seed or 0, owner="glass"
         )
         total, n = torch.zeros_like(self.center), 0
         for images in batches:
-            feats = self._adapted(images).view(images.shape[0], -1, self.target_embed_dim)
+            features = None if images.device.type == "cuda" else self._feature_cache.get(images, self._patch_features)
+            feats = self._adapted(images, features).view(images.shape[0], -1, self.target_embed_dim)
             total += feats.sum(dim=0)
             n += images.shape[0]
         self.center.copy_(total / max(n, 1))
 
     def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
+        super().on_train_end(batches)
         self.synthesizer = None
+        self._feature_cache.clear()
 
     def _global_synthesis(self, true_feats: torch.Tensor, center: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         """GAS: noisy normal features pushed towards "normal" by gradient ascent, kept in a truncated band."""
@@ -251,7 +266,7 @@ class Glass(TrainedAnomalyModel):
         assert self.synthesizer is not None, "training_step runs inside Trainer.fit"
         b = batch.shape[0]
         augmented, mask = self.synthesizer(batch)
-        true_feats = self._adapted(batch)
+        true_feats = self._adapted(batch, self._feature_cache.get(batch, self._patch_features))
         fake_feats = self._adapted(augmented)
         mask_s = resize_mask(mask, self.patch_grid).flatten()  # [N]
         center = self.center.repeat(b, 1)
