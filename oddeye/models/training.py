@@ -21,20 +21,22 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from oddeye.models.base import DEFAULT_FOLDS, AnomalyModel, FitError, _CheckedBatches
+from oddeye.models.components.feature_cache import FrozenFeatureCache
 from oddeye.progress import progress_bar
 
 __all__ = ["TrainResult", "TrainedAnomalyModel", "Trainer", "seed_everything"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -98,7 +100,6 @@ class Trainer:
     ) -> TrainResult:
         if self.seed is not None:
             seed_everything(self.seed)
-        result = TrainResult()
         first = _first(batches)
         if first is None:
             raise FitError(f"{model.name}: training received no images")
@@ -110,6 +111,24 @@ class Trainer:
         amp_dtype = _amp_dtype(device, self.precision) if model.supports_amp else None
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         model.amp_scaler = scaler
+        model._feature_cache.clear()
+        try:
+            return self._fit(model, batches, val_batches, optimizers, schedulers, amp_dtype, scaler, device)
+        finally:
+            model._feature_cache.clear()
+
+    def _fit(
+        self,
+        model: TrainedAnomalyModel,
+        batches: Iterable[torch.Tensor],
+        val_batches: Iterable[torch.Tensor] | None,
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list[Any],
+        amp_dtype: torch.dtype | None,
+        scaler: Any,
+        device: torch.device,
+    ) -> TrainResult:
+        result = TrainResult()
         model.on_train_start(batches)
         total = self.max_steps or None
         bar = progress_bar(total=total, desc=f"{model.name}: {self.desc}", unit="step", disable=not self.progress)
@@ -242,6 +261,17 @@ class TrainedAnomalyModel(AnomalyModel):
         self.amp_scaler: Any = None
         self.train_result: TrainResult | None = None
         self._val_batches: Iterable[torch.Tensor] | None = None
+        self._feature_cache = FrozenFeatureCache()
+
+    # -- for models on a frozen network
+    def frozen_features(self, batch: torch.Tensor, compute: Callable[[torch.Tensor], T]) -> T:
+        """``compute(batch)`` once per distinct training batch and fit, then reused every epoch.
+
+        For the output of a frozen network on the plain training batch only (see ``FrozenFeatureCache``).
+        The ``Trainer`` empties the cache before ``on_train_start`` and after ``on_train_end``, also when
+        a fit fails, so nothing outlives the fit.
+        """
+        return self._feature_cache.get(batch, compute)
 
     # -- to implement
     def configure_optimizers(self) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from oddeye.models.base import FitError
 from oddeye.models.components import FrozenFeatureCache, batch_fingerprint
 from oddeye.models.image.cflow import Cflow
 from oddeye.models.image.csflow import Csflow
@@ -211,3 +212,18 @@ def test_the_cache_leaves_the_fit_unchanged(name: str, batches: list[torch.Tenso
     score_b, map_b = without.raw_forward(probe)[:2]
     torch.testing.assert_close(score_a, score_b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(map_a, map_b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_fit_keeps_no_features(batches: list[torch.Tensor]) -> None:
+    """The Trainer empties the cache even when a fit stops with an error (here a NaN loss)."""
+    model = TINY["fastflow"]()
+    step = model.training_step
+
+    def nan_after_a_while(batch: torch.Tensor, i: int) -> torch.Tensor:
+        loss = step(batch, i)
+        return loss * float("nan") if i >= len(batches) else loss
+
+    model.training_step = nan_after_a_while  # type: ignore[method-assign]
+    with pytest.raises(FitError, match="became nan"):
+        Trainer(max_epochs=3, seed=0, progress=False).fit(model, batches)
+    assert model._feature_cache.misses == 0 and len(model._feature_cache) == 0

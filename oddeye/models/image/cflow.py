@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from oddeye.models.base import FitError, register
-from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
+from oddeye.models.components import TimmFeatureExtractor
 from oddeye.models.components.flows import (
     check_feature_sizes,
     coupling_stack,
@@ -104,7 +104,6 @@ class Cflow(TrainedAnomalyModel):
             self.register_buffer(f"pos_{i}", pe, persistent=False)
         self.register_buffer("ll_max", torch.zeros(len(shapes)))
         self._generator: torch.Generator | None = None
-        self._feature_cache = FrozenFeatureCache()  # the training batches' fibers, reused every epoch
 
     def _position(self, i: int) -> torch.Tensor:
         return getattr(self, f"pos_{i}")
@@ -123,14 +122,11 @@ class Cflow(TrainedAnomalyModel):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.decoders.parameters(), lr=self.lr)
 
-    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_start(batches)
-        self._feature_cache.clear()
         self._generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
 
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
         (opt,) = self.optimizers
-        fibers = self._feature_cache.get(batch, self._fibers)
+        fibers = self.frozen_features(batch, self._fibers)
         total, count = torch.zeros((), device=batch.device), 0
         for i, e_r in enumerate(fibers):
             n = e_r.shape[0]
@@ -161,13 +157,10 @@ class Cflow(TrainedAnomalyModel):
         """Keep each layer's largest log-likelihood on the training images: the map's per-layer scale."""
         super().on_train_end(batches)
         best = torch.full_like(self.ll_max, -torch.inf)
-        try:
-            for batch in batches:
-                fibers = self._feature_cache.get(batch, self._fibers)  # the training steps' fibers
-                for i, ll in enumerate(self._layer_log_likelihoods(batch, fibers)):
-                    best[i] = torch.maximum(best[i], ll.max())
-        finally:
-            self._feature_cache.clear()
+        for batch in batches:
+            fibers = self.frozen_features(batch, self._fibers)  # the training steps' fibers
+            for i, ll in enumerate(self._layer_log_likelihoods(batch, fibers)):
+                best[i] = torch.maximum(best[i], ll.max())
         self.ll_max.copy_(torch.where(torch.isfinite(best), best, torch.zeros_like(best)))
 
     # -- scoring

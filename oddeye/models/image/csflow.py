@@ -16,13 +16,12 @@ at stage boundaries, so the default here is ``blocks.6`` (512 channels, the same
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from torch.nn.functional import interpolate
 
 from oddeye.models.base import register
-from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
+from oddeye.models.components import TimmFeatureExtractor
 from oddeye.models.components.cross_scale_flow import cross_scale_flow
 from oddeye.models.components.flows import aggregate_maps, check_feature_sizes, nll_loss
 from oddeye.models.training import TrainedAnomalyModel
@@ -84,7 +83,6 @@ class Csflow(TrainedAnomalyModel):
             torch.manual_seed(seed)
         self.flow = cross_scale_flow(dims, n_coupling_blocks, clamp, cross_conv_hidden_channels)
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
-        self._feature_cache = FrozenFeatureCache()  # the three scales' maps of the training batches
 
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone layer's map of the image at full, 1/2 and 1/4 size."""
@@ -115,16 +113,8 @@ class Csflow(TrainedAnomalyModel):
     def trainer_kwargs(self) -> dict:
         return {**super().trainer_kwargs(), "gradient_clip_val": 1.0}
 
-    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_start(batches)
-        self._feature_cache.clear()
-
-    def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_end(batches)
-        self._feature_cache.clear()
-
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
-        z, log_jac = self._latents(batch, self._feature_cache.get(batch, self._features))
+        z, log_jac = self._latents(batch, self.frozen_features(batch, self._features))
         return nll_loss(z, log_jac, per_dimension=True)
 
     # -- scoring

@@ -25,7 +25,6 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from oddeye.models.base import FitError, register
-from oddeye.models.components import FrozenFeatureCache
 from oddeye.models.components.natural_images import NaturalImages
 from oddeye.models.components.pdn import PDN, EfficientAdModelSize, PDNAutoencoder, read_teacher_file
 from oddeye.models.training import TrainedAnomalyModel
@@ -107,7 +106,6 @@ class EfficientAd(TrainedAnomalyModel):
         self._total_steps = int(max_steps or 1 << 30)  # set from the data in on_train_start
         # The frozen teacher's raw output on the (unaugmented) training batches; never the augmented
         # or ImageNet-penalty images, which are drawn anew every step.
-        self._feature_cache = FrozenFeatureCache()
 
     @property
     def device(self) -> torch.device:
@@ -183,14 +181,13 @@ class EfficientAd(TrainedAnomalyModel):
         runs under autocast and caches its own outputs in the first epoch.
         """
         super().on_train_start(batches)
-        self._feature_cache.clear()
         total = sq = None
         n, count = 0, 0
         for batch in batches:
             if batch.device.type == "cuda":
                 out = self.teacher(batch).double()
             else:
-                out = self._feature_cache.get(batch, self.teacher).double()
+                out = self.frozen_features(batch, self.teacher).double()
             total = out.sum(dim=(0, 2, 3)) if total is None else total + out.sum(dim=(0, 2, 3))
             sq = out.pow(2).sum(dim=(0, 2, 3)) if sq is None else sq + out.pow(2).sum(dim=(0, 2, 3))
             n += out.shape[0] * out.shape[2] * out.shape[3]
@@ -213,7 +210,7 @@ class EfficientAd(TrainedAnomalyModel):
         c = self.teacher_out_channels
         # The plain batch's teacher output is cached (mean and std stay fixed during the steps); the
         # augmented batch's below is not: the augmentation is drawn anew every step.
-        teacher = self._teacher(batch, self._feature_cache.get(batch, self.teacher))
+        teacher = self._teacher(batch, self.frozen_features(batch, self.teacher))
         student = self.student(batch)
         distance = (teacher - student[:, :c]).pow(2)
         hard = torch.quantile(distance.detach().flatten()[:_QUANTILE_MAX].float(), self.q_st) if self.q_st > 0 else None
@@ -240,7 +237,6 @@ class EfficientAd(TrainedAnomalyModel):
     def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
         """Map quantiles over held-out normal images (the validation loader, else the training batches)."""
         super().on_train_end(batches)
-        self._feature_cache.clear()
         source = self._val_batches if self._val_batches is not None else batches
         st, ae = [], []
         for batch in source:

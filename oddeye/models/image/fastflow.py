@@ -10,13 +10,13 @@ of each position's latent likelihood, and the image score its maximum.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from oddeye.models.base import register
-from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
+from oddeye.models.components import TimmFeatureExtractor
 from oddeye.models.components.flows import (
     alternating_kernel_sizes,
     check_feature_sizes,
@@ -81,7 +81,6 @@ class Fastflow(TrainedAnomalyModel):
             )
             for i, shape in enumerate(shapes)
         )
-        self._feature_cache = FrozenFeatureCache()  # the frozen backbone's maps of the training batches
 
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.feature_extractor(images.to(self.norms[0].weight.device)).values())
@@ -104,16 +103,8 @@ class Fastflow(TrainedAnomalyModel):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
-    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_start(batches)
-        self._feature_cache.clear()
-
-    def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_end(batches)
-        self._feature_cache.clear()
-
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
-        zs, jacs = self._latents(batch, self._feature_cache.get(batch, self._features))
+        zs, jacs = self._latents(batch, self.frozen_features(batch, self._features))
         return sum(nll_loss(z, jac) for z, jac in zip(zs, jacs, strict=True))
 
     # -- scoring

@@ -13,7 +13,7 @@ EfficientNet-Lite0 ImageNet weights because ViT weights cannot be fetched there.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from oddeye.models.base import register
-from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
+from oddeye.models.components import TimmFeatureExtractor
 from oddeye.models.components.vit_features import ViTFeatureExtractor, is_vit
 from oddeye.models.training import TrainedAnomalyModel
 
@@ -154,7 +154,6 @@ class GeneralAD(TrainedAnomalyModel):
         self.top_k = self.num_patches if top_k < 0 else min(int(top_k), self.num_patches)
         self.num_fake_patches = self.num_patches if num_fake_patches < 0 else min(num_fake_patches, self.num_patches)
         self.discriminator = PatchDiscriminator(dim, hidden_dim, self.num_patches, dsc_layers, dsc_heads, dsc_dropout)
-        self._feature_cache = FrozenFeatureCache()
 
     @property
     def device(self) -> torch.device:
@@ -187,7 +186,7 @@ class GeneralAD(TrainedAnomalyModel):
 
     def _training_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The frozen features of a training batch, computed once and reused every epoch (memory allowing)."""
-        return self._feature_cache.get(images, lambda x: self._patch_features(x, attention=self.uses_attention))
+        return self.frozen_features(images, lambda x: self._patch_features(x, attention=self.uses_attention))
 
     # -- pseudo-anomalies: each returns (features, mask [B, N] of the patches made anomalous)
     def _count(self, limit: int) -> int:
@@ -227,14 +226,6 @@ class GeneralAD(TrainedAnomalyModel):
             opt, T_max=self.epochs, eta_min=self.lr * self.lr_decay_factor
         )
         return [opt], [cosine]
-
-    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_start(batches)
-        self._feature_cache.clear()
-
-    def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_end(batches)
-        self._feature_cache.clear()
 
     def training_step(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         features, attn = self._training_features(batch)

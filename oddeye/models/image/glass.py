@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.functional import adaptive_avg_pool1d, interpolate, unfold
 
 from oddeye.models.base import register
-from oddeye.models.components import FrozenFeatureCache, GaussianBlur2d, TimmFeatureExtractor
+from oddeye.models.components import GaussianBlur2d, TimmFeatureExtractor
 from oddeye.models.components.losses import binary_cross_entropy, focal_loss
 from oddeye.models.components.synthesis import AnomalySynthesizer, resize_mask
 from oddeye.models.training import TrainedAnomalyModel
@@ -164,7 +164,6 @@ class Glass(TrainedAnomalyModel):
         self.synthesizer: AnomalySynthesizer | None = None
         # The frozen backbone's patch features of the NORMAL training batches (before the adaptor, which
         # trains); never those of the LAS images, which are synthesised anew every step.
-        self._feature_cache = FrozenFeatureCache()
 
     @property
     def device(self) -> torch.device:
@@ -225,13 +224,12 @@ class Glass(TrainedAnomalyModel):
         runs under autocast and caches its own features in the first epoch.
         """
         super().on_train_start(batches)
-        self._feature_cache.clear()
         self.synthesizer = AnomalySynthesizer(
             self.anomaly_source_path, style="glass", seed=self.seed or 0, owner="glass"
         )
         total, n = torch.zeros_like(self.center), 0
         for images in batches:
-            features = None if images.device.type == "cuda" else self._feature_cache.get(images, self._patch_features)
+            features = None if images.device.type == "cuda" else self.frozen_features(images, self._patch_features)
             feats = self._adapted(images, features).view(images.shape[0], -1, self.target_embed_dim)
             total += feats.sum(dim=0)
             n += images.shape[0]
@@ -240,7 +238,6 @@ class Glass(TrainedAnomalyModel):
     def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
         super().on_train_end(batches)
         self.synthesizer = None
-        self._feature_cache.clear()
 
     def _global_synthesis(self, true_feats: torch.Tensor, center: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         """GAS: noisy normal features pushed towards "normal" by gradient ascent, kept in a truncated band."""
@@ -266,7 +263,7 @@ class Glass(TrainedAnomalyModel):
         assert self.synthesizer is not None, "training_step runs inside Trainer.fit"
         b = batch.shape[0]
         augmented, mask = self.synthesizer(batch)
-        true_feats = self._adapted(batch, self._feature_cache.get(batch, self._patch_features))
+        true_feats = self._adapted(batch, self.frozen_features(batch, self._patch_features))
         fake_feats = self._adapted(augmented)
         mask_s = resize_mask(mask, self.patch_grid).flatten()  # [N]
         center = self.center.repeat(b, 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from oddeye.models.base import register
-from oddeye.models.components import FrozenFeatureCache, GaussianBlur2d, TimmFeatureExtractor
+from oddeye.models.components import GaussianBlur2d, TimmFeatureExtractor
 from oddeye.models.training import TrainedAnomalyModel
 
 __all__ = ["AnomalyMapGenerationMode", "ReverseDistillation", "reverse_distillation_loss"]
@@ -176,7 +176,6 @@ class ReverseDistillation(TrainedAnomalyModel):
         self.bottleneck = OneClassBottleneck(channels, reductions)
         self.decoder = ReverseDecoder(self.bottleneck.out_channels, channels, reductions)
         self.blur = GaussianBlur2d(sigma=4.0)
-        self._feature_cache = FrozenFeatureCache()  # the frozen encoder's maps of the training batches
 
     @property
     def device(self) -> torch.device:
@@ -199,17 +198,9 @@ class ReverseDistillation(TrainedAnomalyModel):
         params = list(self.decoder.parameters()) + list(self.bottleneck.parameters())
         return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
 
-    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_start(batches)
-        self._feature_cache.clear()
-
-    def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_end(batches)
-        self._feature_cache.clear()
-
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
         # Only the encoder's maps are cached: the bottleneck and decoder train.
-        return reverse_distillation_loss(*self._features(batch, self._feature_cache.get(batch, self._encoded)))
+        return reverse_distillation_loss(*self._features(batch, self.frozen_features(batch, self._encoded)))
 
     @torch.no_grad()
     def validation_loss(self, batch: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,14 @@ random weights; where it fails to match the teacher, the image is unlike the tra
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.nn import functional as F  # noqa: N812
 
 from oddeye.models.base import register
-from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
+from oddeye.models.components import TimmFeatureExtractor
 from oddeye.models.training import TrainedAnomalyModel
 
 __all__ = ["Stfpm", "stfpm_layer_maps", "stfpm_loss"]
@@ -70,7 +70,6 @@ class Stfpm(TrainedAnomalyModel):
         self.max_epochs, self.max_steps, self.seed = max_epochs, max_steps, seed
         self.teacher = TimmFeatureExtractor(backbone, layers, pre_trained=pre_trained, weights=weights)
         self.student = TimmFeatureExtractor(backbone, layers, pre_trained=False, requires_grad=True)
-        self._feature_cache = FrozenFeatureCache()  # the frozen teacher's maps of the training batches
 
     @property
     def device(self) -> torch.device:
@@ -85,16 +84,8 @@ class Stfpm(TrainedAnomalyModel):
             weight_decay=self.weight_decay,
         )
 
-    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_start(batches)
-        self._feature_cache.clear()
-
-    def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_end(batches)
-        self._feature_cache.clear()
-
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
-        teacher = self._feature_cache.get(batch, self.teacher)  # only the teacher: the student trains
+        teacher = self.frozen_features(batch, self.teacher)  # only the teacher: the student trains
         return stfpm_loss(teacher, self.student(batch))
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import FrEIA.framework as ff
 import FrEIA.modules as fm
@@ -32,7 +32,7 @@ from torch.nn.functional import avg_pool2d, interpolate, pad
 
 from oddeye.frames import Prediction
 from oddeye.models.base import register
-from oddeye.models.components import FrozenFeatureCache, TimmFeatureExtractor
+from oddeye.models.components import TimmFeatureExtractor
 from oddeye.models.components.flows import (
     alternating_kernel_sizes,
     check_feature_sizes,
@@ -116,7 +116,6 @@ class Uflow(TrainedAnomalyModel):
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
         self._keep: list[torch.Tensor] | None = None
         self._keep_latents = False
-        self._feature_cache = FrozenFeatureCache()  # the frozen backbone's maps of the training batches
 
     def _build_flow(self, steps: int, clamp: float, ratio: float, permute_soft: bool) -> ff.GraphINN:
         """Coarsest scale first: flow stage → split (one part out, the rest upsampled) → concat with the finer input."""
@@ -161,16 +160,8 @@ class Uflow(TrainedAnomalyModel):
         sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.4, total_iters=LR_DECAY_STEPS)
         return [opt], [sched]
 
-    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_start(batches)
-        self._feature_cache.clear()
-
-    def on_train_end(self, batches: Iterable[torch.Tensor]) -> None:
-        super().on_train_end(batches)
-        self._feature_cache.clear()
-
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
-        z, log_jac = self._latents(batch, self._feature_cache.get(batch, self._features))
+        z, log_jac = self._latents(batch, self.frozen_features(batch, self._features))
         return nll_loss(z, log_jac)
 
     # -- scoring
