@@ -89,3 +89,15 @@ def test_too_few_fibers_for_the_fiber_batch(data: dict) -> None:
 
 def test_nan_stops_training_with_step(data: dict, tmp_path: Path) -> None:
     assert_nan_stops_with_step(Cflow(**{**TINY, "layers": ["layer1"]}), tmp_path, data)
+
+
+def test_fiber_order_is_seeded_per_fit(data: dict) -> None:
+    """Each fit shuffles its fibers from a generator seeded by ``seed``, whatever the global RNG did before."""
+    model = Cflow(**TINY)
+    batches = [data["train"]]
+    orders = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model.on_train_start(batches)
+        orders.append(torch.randperm(100, generator=model._generator))
+    assert model._generator is not None and torch.equal(orders[0], orders[1])

@@ -122,6 +122,8 @@ class Cflow(TrainedAnomalyModel):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.decoders.parameters(), lr=self.lr)
 
+    def on_train_start(self, batches: Iterable[torch.Tensor]) -> None:
+        super().on_train_start(batches)
         self._generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
 
     def training_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:

@@ -104,8 +104,6 @@ class EfficientAd(TrainedAnomalyModel):
         self._penalty: NaturalImages | None = None
         self._rng = np.random.default_rng(seed)
         self._total_steps = int(max_steps or 1 << 30)  # set from the data in on_train_start
-        # The frozen teacher's raw output on the (unaugmented) training batches; never the augmented
-        # or ImageNet-penalty images, which are drawn anew every step.
 
     @property
     def device(self) -> torch.device:

@@ -162,8 +162,6 @@ class Glass(TrainedAnomalyModel):
         # The mean adapted feature per patch position (the hypersphere centre of ``svd=1``).
         self.register_buffer("center", torch.zeros(grid[0] * grid[1], self.target_embed_dim))
         self.synthesizer: AnomalySynthesizer | None = None
-        # The frozen backbone's patch features of the NORMAL training batches (before the adaptor, which
-        # trains); never those of the LAS images, which are synthesised anew every step.
 
     @property
     def device(self) -> torch.device:
@@ -263,6 +261,8 @@ class Glass(TrainedAnomalyModel):
         assert self.synthesizer is not None, "training_step runs inside Trainer.fit"
         b = batch.shape[0]
         augmented, mask = self.synthesizer(batch)
+        # Only the normal batch's backbone features are cached (before the adaptor, which trains); the LAS
+        # images are synthesised anew every step.
         true_feats = self._adapted(batch, self.frozen_features(batch, self._patch_features))
         fake_feats = self._adapted(augmented)
         mask_s = resize_mask(mask, self.patch_grid).flatten()  # [N]
