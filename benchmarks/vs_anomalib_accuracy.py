@@ -50,9 +50,9 @@ textures, its only change from ``configs/bench/{draem,glass}.yaml``'s ``anomaly_
 anomalib's GLASS takes no foreground mask (the paper's optional one) and needs no datamodule of its
 own: its Perlin masks may fall anywhere in the image, as oddeye's.
 
-What stays each system's own: how a texture is augmented and blended (anomalib's blend pastes the
-texture at opacity ``beta``, oddeye's DRAEM at ``1 - beta`` as in the paper; GLASS: anomalib draws
-the opacity from U(0.2, 1), oddeye from N(0.5, 0.1) clipped to [0.2, 0.8]), DRAEM's learning-rate
+What stays each system's own: how a texture is augmented and blended (DRAEM: both paste the
+texture at opacity ``beta``, drawn from the same range; GLASS: anomalib draws the opacity from
+U(0.2, 1), oddeye from N(0.5, 0.1) clipped to [0.2, 0.8]), DRAEM's learning-rate
 steps (oddeye: ÷10 at 80% and 90% of ``max_epochs``; anomalib: at epochs 400 and 600, never reached
 in a short run), DRAEM's image score (oddeye: the maximum of the map's 21×21 local mean, as in the
 paper; anomalib: the map's maximum), and GLASS's optimisers (anomalib: AdamW, weight decay 1e-2, for

@@ -19,8 +19,9 @@ Use it only where the cached value is a pure function of the batch:
 
 A shuffling loader gives new batches every epoch: nothing hits, and entries accumulate up to the
 byte budget. Beyond ``max_bytes`` batches are computed and returned without being stored. Values
-stay on the device they were computed on. Call ``clear`` when training starts and ends (the
-``on_train_start``/``on_train_end`` hooks), so that no features outlive the fit.
+stay on the device they were computed on. Models reach it through
+``TrainedAnomalyModel.frozen_features``; the ``Trainer`` clears it before and after each fit
+(also a failed one), so that no features outlive the fit.
 """
 
 from __future__ import annotations
