@@ -17,6 +17,13 @@ Commits: the ingest stage acknowledges frames in any order, from any thread. Per
 the source keeps the offsets it delivered in order and commits ``offset + 1`` of the
 highest one below which everything is finished. Commits are made on the iterating thread
 between polls (the consumer is not thread-safe) and once more on ``close()``.
+
+Rebalances: a revoked partition's finished offsets are committed, and its tracking is kept,
+not owned, until the new assignment is known. A partition assigned back keeps it: the consumer
+may go on from where it was (kafka-python keeps the fetch position of a partition it gets
+back), and the frames it delivered before are still being scored; their acks must count. A
+partition assigned elsewhere is forgotten. When the consumer rewinds instead (a record at or
+below one already delivered: a re-read from the committed offset), the tracking restarts there.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ class _Partition:
     """``offset + 1`` of the highest offset below which everything is done."""
     committed: int | None = None
     next_offset: int | None = None
+    owned: bool = True
+    """False between a revoke and the next assignment: acks still count, nothing is committed."""
 
     def advance(self) -> int | None:
         while self.order and self.order[0] in self.done:
@@ -168,6 +177,7 @@ class KafkaSource(Source):
         self._lock = threading.RLock()  # the consumer: iterating thread, or close() once it has stopped
         self._track_lock = threading.Lock()  # offset tracking: shared with ack() and the rebalance listener
         self._parts: dict[tuple[str, int], _Partition] = {}
+        self._assigned: set[tuple[str, int]] = set()  # kept by the rebalance listener
         self._seen: set[tuple[str, int]] = set()
         self._closing = threading.Event()
         self._closed = False
@@ -213,8 +223,10 @@ class KafkaSource(Source):
                     key = (record.topic, record.partition)
                     with self._track_lock:
                         part = self._parts.get(key)
-                        if part is None:
-                            part = self._parts[key] = _Partition()
+                        if part is None or (part.next_offset is not None and record.offset < part.next_offset):
+                            # New, or re-read from an earlier offset. A record polled before its partition
+                            # went to another member is still scored, but never committed from here.
+                            part = self._parts[key] = _Partition(owned=key in self._assigned)
                         part.order.append(record.offset)
                         part.pending.add(record.offset)
                         part.next_offset = record.offset + 1
@@ -335,7 +347,7 @@ class KafkaSource(Source):
         out = {}
         with self._track_lock:
             for key, part in self._parts.items():
-                if keys is not None and key not in keys:
+                if not part.owned or (keys is not None and key not in keys):
                     continue
                 to = part.advance()
                 if to is not None and (part.committed is None or to > part.committed):
@@ -371,12 +383,15 @@ class KafkaSource(Source):
             log.warning("kafka source %s: offset commit failed (%s); will retry", self.camera_id, e)
 
     def _on_revoked(self, revoked: Sequence[Any]) -> None:
-        """Runs on kafka-python's IO loop: must not block; commits asynchronously, then forgets."""
+        """Runs on kafka-python's IO loop: must not block; commits asynchronously, keeps the tracking unowned."""
         keys = [(tp.topic, tp.partition) for tp in revoked]
         offsets = self._commit_offsets(keys)
         with self._track_lock:
             for key in keys:
-                self._parts.pop(key, None)
+                self._assigned.discard(key)
+                part = self._parts.get(key)
+                if part is not None:
+                    part.owned = False
         if offsets and self._consumer is not None:
             try:
                 self._consumer.commit_async(offsets)
@@ -386,9 +401,15 @@ class KafkaSource(Source):
             log.info("kafka source %s: partitions revoked: %s", self.camera_id, _labels(revoked))
 
     def _on_assigned(self, assigned: Sequence[Any]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in assigned}
         with self._track_lock:
-            for tp in assigned:
-                self._parts.pop((tp.topic, tp.partition), None)
+            self._assigned |= keys
+            for key in [k for k, part in self._parts.items() if not part.owned and k not in keys]:
+                del self._parts[key]  # another member owns it now: its in-flight acks no longer matter here
+            for key in keys:
+                part = self._parts.get(key)
+                if part is not None:
+                    part.owned = True  # back again: the frames delivered before are still being scored
         fresh = [tp for tp in assigned if (tp.topic, tp.partition) not in self._seen]
         self._seen.update((tp.topic, tp.partition) for tp in assigned)
         if fresh and self.start != "committed" and self._consumer is not None:
@@ -399,7 +420,7 @@ class KafkaSource(Source):
 
     # ------------------------------------------------------------------ Source hooks
     def ack(self, frame: Frame) -> None:
-        """Mark a delivered message done (any thread); acks of partitions no longer owned are ignored."""
+        """Mark a delivered message done (any thread); acks of partitions another member took are ignored."""
         o = frame.origin
         try:
             key, offset = (o["topic"], int(o["partition"])), int(o["offset"])
@@ -532,6 +553,7 @@ def _make_listener(source: KafkaSource) -> Any:
             with source._track_lock:
                 for tp in lost:
                     source._parts.pop((tp.topic, tp.partition), None)
+                    source._assigned.discard((tp.topic, tp.partition))
             log.warning("kafka source %s: partitions lost: %s", source.camera_id, _labels(list(lost)))
 
     return _Listener()

@@ -183,6 +183,49 @@ def test_out_of_order_acks_commit_contiguous_and_restart_resumes(kafka_broker) -
     assert reader2.frames.empty()
 
 
+def test_frames_in_flight_through_a_rebalance_are_committed_by_their_owner_only(kafka_broker) -> None:
+    """A member joins while every delivered frame is still being scored, then leaves.
+
+    The partition this source keeps must commit once those frames are acked (kafka-python may go on
+    from its fetch position, so nothing is re-read to stand in for them); the partition the other
+    member took must never be committed from here; once it comes back, everything commits.
+    """
+    from kafka import KafkaConsumer
+
+    topic, group = _name("frames"), _name("g")
+    kafka_broker.create_topic(topic, 2)
+    for p in (0, 1):
+        _produce(kafka_broker.bootstrap, topic, 20, start=100 * p, partition=p)
+    src = KafkaSource(kafka_broker.bootstrap, [topic], group_id=group, max_poll_records=8, **FAST)
+    rebalanced = threading.Event()
+    reader = _Reader(src, on_frame=lambda f: src.ack(f) if rebalanced.is_set() else None)
+    held = reader.take(40)  # delivered, none acked: all in flight
+    other = KafkaConsumer(
+        topic, bootstrap_servers=kafka_broker.bootstrap, group_id=group, enable_auto_commit=False,
+        session_timeout_ms=6000, heartbeat_interval_ms=500,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not other.assignment():
+            assert time.monotonic() < deadline, "the second member was never assigned a partition"
+            other.poll(timeout_ms=200)
+        taken = {tp.partition for tp in other.assignment()}
+        assert len(taken) == 1
+        (kept,) = {0, 1} - taken
+        _wait_for(lambda: {(topic, kept)} == set(src._assigned), what="the source to settle on the other partition")
+        rebalanced.set()
+        for f in held:
+            src.ack(f)
+        _wait_for(lambda: _committed(kafka_broker.bootstrap, group).get(kept) == 20, what="the kept partition's commit")
+        time.sleep(1.0)
+        assert set(taken).isdisjoint(_committed(kafka_broker.bootstrap, group)), "committed a partition it gave away"
+    finally:
+        other.close(autocommit=False)
+    _wait_for(lambda: _committed(kafka_broker.bootstrap, group) == {0: 20, 1: 20}, timeout_s=60, what="both commits")
+    reader.close()
+    assert {f.seq for f in held} | {f.seq for f in list(reader.frames.queue)} == set(range(20)) | set(range(100, 120))
+
+
 def test_invalid_messages_go_to_the_dead_letter_topic(kafka_broker) -> None:
     from kafka import KafkaConsumer, KafkaProducer
 
