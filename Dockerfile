@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_USAGE_STATS_ENABLED=0 \
+    RAY_worker_niceness=0 \
     HF_HOME=/data/cache/huggingface \
     TORCH_HOME=/data/cache/torch
 

@@ -8,10 +8,11 @@ model results per frame (pixels travel by object-store reference and must not ap
 driver CPU µs per frame, and the seconds outside the stream (start-up: Ray, actors; and shut-down).
 
     python benchmarks/pipeline_ceiling.py [--frames 400] [--cameras 1 4 16] [--size 256] [--busy N]
-                                          [--decode-workers 1 2]
+                                          [--decode-workers 1 2] [--worker-niceness 0 15]
 
 ``--busy N`` adds N single-threaded CPU-bound processes beside the run (a busy camera server):
 the pipeline's frames/s should fall no further than the CPU share it loses, N/(N + cores).
+``--worker-niceness`` compares ``ray.worker_niceness`` values (0, oddeye's default; 15, Ray's).
 """
 
 from __future__ import annotations
@@ -76,7 +77,13 @@ def make_frames(folder: Path, n: int, size: int) -> list[str]:
 
 
 def run_pipeline(
-    folder: Path, checkpoint: Path, cameras: int, size: int, batch: int, decode_workers: int | None = None
+    folder: Path,
+    checkpoint: Path,
+    cameras: int,
+    size: int,
+    batch: int,
+    decode_workers: int | None = None,
+    worker_niceness: int = 0,
 ) -> dict[str, float]:
     from oddeye.config import parse_config
     from oddeye.pipeline import runner as runner_mod
@@ -97,6 +104,7 @@ def run_pipeline(
         "batching": {"max_batch_size": batch, "max_wait_ms": 10, "max_inflight_batches": 2},
         "sinks": [],
         "metrics": {"enabled": False},
+        "ray": {"worker_niceness": worker_niceness},
     }
     cfg = parse_config(raw)
     driver_bytes = [0]
@@ -133,14 +141,18 @@ def run_pipeline(
     }
 
 
-def _measure(args: argparse.Namespace, tmp: Path, ckpt: Path, cams: int, workers: int | None) -> dict[str, float]:
+def _measure(
+    args: argparse.Namespace, tmp: Path, ckpt: Path, cams: int, workers: int | None, nice: int
+) -> dict[str, float]:
     import ray
 
     hogs = [mp.get_context("spawn").Process(target=_spin, args=(time.time() + 3600,)) for _ in range(args.busy)]
     for h in hogs:
         h.start()
     try:
-        return run_pipeline(tmp / "frames", ckpt, cams, args.size, args.batch, workers)
+        return run_pipeline(tmp / "frames", ckpt, cams, args.size, args.batch, workers, nice)
+    except Exception as e:  # a row that cannot run (actors starved at start-up) is a result too
+        return {"error": f"{type(e).__name__}: {str(e)[:120]}"}
     finally:
         for h in hogs:
             h.kill()
@@ -158,6 +170,7 @@ def main() -> None:
     ap.add_argument(
         "--decode-workers", type=int, nargs="+", default=[0], help="decode threads per source to compare (0: default)"
     )
+    ap.add_argument("--worker-niceness", type=int, nargs="+", default=[0], help="ray.worker_niceness values to compare")
     args = ap.parse_args()
 
     import torch
@@ -174,20 +187,24 @@ def main() -> None:
     for cams in args.cameras:
         limit = decode_limit(paths, cams)
         for workers in args.decode_workers:
-            rows.append((cams, workers, limit, _measure(args, tmp, ckpt, cams, workers or None)))
+            for nice in args.worker_niceness:
+                rows.append((cams, workers, nice, limit, _measure(args, tmp, ckpt, cams, workers or None, nice)))
 
     busy = f" · {args.busy} competing CPU-bound process(es)" if args.busy else ""
     print(
         f"machine: {platform.node()} · {os.cpu_count()} CPU · torch {torch.__version__} · {args.size}² JPEG q90{busy}"
     )
     print(
-        "| cameras | decode threads per source | frames | decode-only limit (fps) | pipeline, null model (fps) "
-        "| ratio | driver bytes/frame | driver CPU µs/frame | start+stop s |"
+        "| cameras | decode threads per source | worker niceness | frames | decode-only limit (fps) "
+        "| pipeline, null model (fps) | ratio | driver bytes/frame | driver CPU µs/frame | start+stop s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for cams, workers, limit, r in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for cams, workers, nice, limit, r in rows:
+        if "error" in r:
+            print(f"| {cams} | {workers or 'default (2)'} | {nice} | – | {limit:.0f} | {r['error']} | | | | |")
+            continue
         print(
-            f"| {cams} | {workers or 'default (2)'} | {r['scored']} | {limit:.0f} | {r['fps']:.0f} "
+            f"| {cams} | {workers or 'default (2)'} | {nice} | {r['scored']} | {limit:.0f} | {r['fps']:.0f} "
             f"| {r['fps'] / limit:.2f} | "
             f"{r['bytes_per_frame']:.0f} | {r['driver_us_per_frame']:.0f} | {r['start_s']:.1f} |"
         )

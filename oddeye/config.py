@@ -41,6 +41,11 @@ class RayConfig(_Section):
     include_dashboard: bool = False
     connect_timeout_s: float = Field(30.0, gt=0)
     """How long joining a named cluster (``address``) may take before the run fails naming the address."""
+    worker_niceness: int = Field(0, ge=0, le=19)
+    """Scheduling niceness of a local Ray's workers (oddeye's actors). Ray's own default is 15, which
+    hands the CPU to every other process first: on a camera server shared with other work the
+    actors got a few % of a core. On a cluster, start each node with ``RAY_worker_niceness=0 ray
+    start ...``; actors running niced above this value say so in the log."""
 
     @field_validator("address", mode="before")
     @classmethod

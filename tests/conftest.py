@@ -106,8 +106,10 @@ def ray_local():
     """One local Ray for the whole session (starting it costs seconds and ~1 GB)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+    from oddeye.config import RayConfig
+    from oddeye.pipeline.actors import ensure_ray
+
+    ensure_ray(RayConfig(num_cpus=2))  # the product's start-up: its settings (worker niceness) included
     yield ray
     ray.shutdown()
 

@@ -137,3 +137,40 @@ def test_missing_checkpoint_and_missing_video_are_clear_errors(
     raw["metrics"]["enabled"] = False
     with pytest.raises(PipelineError, match=r"nope\.mp4"):
         Pipeline(parse_config(raw), out_dir=tmp_path / "o").run()
+
+
+def test_local_ray_runs_the_actors_unniced(ray_local) -> None:
+    """Ray starts workers at nice 15 by default: beside any busy process they got a few % of a core
+    (the pipeline's model actor did not even start within 5 minutes beside three CPU-bound processes)."""
+    import os
+
+    from oddeye.pipeline.ingest_actor import warn_if_niced
+
+    @ray_local.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray_local.get(niceness.remote(), timeout=60) == 0
+    assert warn_if_niced("test") == os.nice(0)
+
+
+def test_an_actor_niced_above_the_setting_says_so() -> None:
+    """On a cluster whose nodes were started without RAY_worker_niceness, each actor names the fix."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import logging; logging.basicConfig(); from oddeye.pipeline.ingest_actor import warn_if_niced; "
+    code += "print(warn_if_niced('model'))"
+    out = subprocess.run(
+        ["nice", "-n", "7", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "ODDEYE_WORKER_NICENESS": "0"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "7"
+    assert "model actor runs at nice 7" in out.stderr and "RAY_worker_niceness=0" in out.stderr
+    quiet = subprocess.run(
+        ["nice", "-n", "7", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "ODDEYE_WORKER_NICENESS": "7"},
+    )  # fmt: skip
+    assert quiet.stdout.strip() == "7" and "runs at nice" not in quiet.stderr

@@ -19,7 +19,7 @@ import ray
 from oddeye.config import ModelConfig, RayConfig
 from oddeye.frames import Frame
 from oddeye.pipeline.camera_scoring import CameraHeadsWorker
-from oddeye.pipeline.ingest_actor import ACTOR_ENV, _node_id
+from oddeye.pipeline.ingest_actor import ACTOR_ENV, NICENESS_ENV, _node_id, warn_if_niced
 from oddeye.pipeline.scoring import BatchResult, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class ModelActor(ModelWorker):
     """A ``ModelWorker`` that loads its checkpoint from a ``CheckpointStore`` and fetches frames by reference."""
 
     def __init__(self, store_name: str, namespace: str | None, device: str, num_threads: int | None, **kw: Any) -> None:
+        warn_if_niced("model")
         store = ray.get_actor(store_name, namespace=namespace)
         checkpoint = ray.get(store.get.remote())
         if num_threads is None:
@@ -71,6 +72,7 @@ class CameraHeadsActor(CameraHeadsWorker):
     checkpoint (if any) from a ``CheckpointStore``, frames by reference."""
 
     def __init__(self, store_name: str, namespace: str | None, device: str, num_threads: int | None, **kw: Any) -> None:
+        warn_if_niced("model")
         default = ray.get(ray.get_actor(store_name, namespace=namespace).get.remote())
         if num_threads is None:
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
@@ -105,6 +107,7 @@ def ensure_ray(cfg: RayConfig) -> bool:
     local = cfg.address is None
     if local:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ[NICENESS_ENV] = str(cfg.worker_niceness)  # local workers inherit it; see warn_if_niced
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not sys.stderr.isatty():  # actor log lines reach files and log collectors without colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
@@ -117,6 +120,8 @@ def ensure_ray(cfg: RayConfig) -> bool:
         "configure_logging": False,
     }
     if local:
+        # Ray starts workers at nice 15 unless told otherwise: any other busy process would starve them.
+        kwargs["_system_config"] = {"worker_niceness": cfg.worker_niceness}
         # A new local Ray: nothing to wait for on the network (and ray.init must run on the main thread).
         try:
             ray.init(**kwargs)

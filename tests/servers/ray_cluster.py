@@ -53,7 +53,7 @@ def ray_env() -> dict[str, str]:
     """The environment of every node and client: no token auth, no usage stats, no stray RAY_ADDRESS."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0", RAY_worker_niceness="0")
     return env
 
 
