@@ -18,12 +18,13 @@ the source keeps the offsets it delivered in order and commits ``offset + 1`` of
 highest one below which everything is finished. Commits are made on the iterating thread
 between polls (the consumer is not thread-safe) and once more on ``close()``.
 
-Rebalances: a revoked partition's finished offsets are committed, and its tracking is kept,
-not owned, until the new assignment is known. A partition assigned back keeps it: the consumer
-may go on from where it was (kafka-python keeps the fetch position of a partition it gets
-back), and the frames it delivered before are still being scored; their acks must count. A
-partition assigned elsewhere is forgotten. When the consumer rewinds instead (a record at or
-below one already delivered: a re-read from the committed offset), the tracking restarts there.
+Rebalances: a revoked partition's finished offsets are committed, and its tracking is kept
+(acks still count, nothing of it is committed) until the new assignment is known. A partition
+assigned back keeps it: the consumer may go on from where it was (kafka-python keeps the fetch
+position of a partition it gets back), and the frames it delivered before are still being
+scored; their acks must count. A partition assigned elsewhere is forgotten. When the consumer
+rewinds instead (a record at or below one already delivered: a re-read from the committed
+offset), the tracking restarts there.
 """
 
 from __future__ import annotations
@@ -73,8 +74,6 @@ class _Partition:
     """``offset + 1`` of the highest offset below which everything is done."""
     committed: int | None = None
     next_offset: int | None = None
-    owned: bool = True
-    """False between a revoke and the next assignment: acks still count, nothing is committed."""
 
     def advance(self) -> int | None:
         while self.order and self.order[0] in self.done:
@@ -177,7 +176,9 @@ class KafkaSource(Source):
         self._lock = threading.RLock()  # the consumer: iterating thread, or close() once it has stopped
         self._track_lock = threading.Lock()  # offset tracking: shared with ack() and the rebalance listener
         self._parts: dict[tuple[str, int], _Partition] = {}
-        self._assigned: set[tuple[str, int]] = set()  # kept by the rebalance listener
+        # Kept by the rebalance listener: only these partitions are committed. Tracking of the others
+        # lives on between a revoke and the next assignment, so in-flight acks still count.
+        self._assigned: set[tuple[str, int]] = set()
         self._seen: set[tuple[str, int]] = set()
         self._closing = threading.Event()
         self._closed = False
@@ -226,7 +227,7 @@ class KafkaSource(Source):
                         if part is None or (part.next_offset is not None and record.offset < part.next_offset):
                             # New, or re-read from an earlier offset. A record polled before its partition
                             # went to another member is still scored, but never committed from here.
-                            part = self._parts[key] = _Partition(owned=key in self._assigned)
+                            part = self._parts[key] = _Partition()
                         part.order.append(record.offset)
                         part.pending.add(record.offset)
                         part.next_offset = record.offset + 1
@@ -347,7 +348,7 @@ class KafkaSource(Source):
         out = {}
         with self._track_lock:
             for key, part in self._parts.items():
-                if not part.owned or (keys is not None and key not in keys):
+                if key not in self._assigned or (keys is not None and key not in keys):
                     continue
                 to = part.advance()
                 if to is not None and (part.committed is None or to > part.committed):
@@ -383,15 +384,11 @@ class KafkaSource(Source):
             log.warning("kafka source %s: offset commit failed (%s); will retry", self.camera_id, e)
 
     def _on_revoked(self, revoked: Sequence[Any]) -> None:
-        """Runs on kafka-python's IO loop: must not block; commits asynchronously, keeps the tracking unowned."""
+        """Runs on kafka-python's IO loop: must not block; commits asynchronously, keeps the tracking."""
         keys = [(tp.topic, tp.partition) for tp in revoked]
         offsets = self._commit_offsets(keys)
         with self._track_lock:
-            for key in keys:
-                self._assigned.discard(key)
-                part = self._parts.get(key)
-                if part is not None:
-                    part.owned = False
+            self._assigned.difference_update(keys)
         if offsets and self._consumer is not None:
             try:
                 self._consumer.commit_async(offsets)
@@ -401,15 +398,12 @@ class KafkaSource(Source):
             log.info("kafka source %s: partitions revoked: %s", self.camera_id, _labels(revoked))
 
     def _on_assigned(self, assigned: Sequence[Any]) -> None:
-        keys = {(tp.topic, tp.partition) for tp in assigned}
         with self._track_lock:
-            self._assigned |= keys
-            for key in [k for k, part in self._parts.items() if not part.owned and k not in keys]:
-                del self._parts[key]  # another member owns it now: its in-flight acks no longer matter here
-            for key in keys:
-                part = self._parts.get(key)
-                if part is not None:
-                    part.owned = True  # back again: the frames delivered before are still being scored
+            self._assigned.update((tp.topic, tp.partition) for tp in assigned)
+            # A partition assigned back keeps its tracking: the frames delivered before are still being
+            # scored. One another member owns now is forgotten: its in-flight acks no longer matter here.
+            for key in [k for k in self._parts if k not in self._assigned]:
+                del self._parts[key]
         fresh = [tp for tp in assigned if (tp.topic, tp.partition) not in self._seen]
         self._seen.update((tp.topic, tp.partition) for tp in assigned)
         if fresh and self.start != "committed" and self._consumer is not None:
